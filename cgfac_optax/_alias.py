@@ -1,0 +1,45 @@
+"""``cgfac``: the CG-FAC optimizer, ready to use."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from cgfac_optax._transform import scale_by_cgfac
+
+
+def cgfac(
+  learning_rate: float | jax.Array | optax.Schedule,
+  damping: float | jax.Array | optax.Schedule = 1e-3,
+  *,
+  momentum: float | None = 0.9,
+  nesterov: bool = False,
+  **cgfac_kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """CG-FAC: K-FAC natural-gradient steps solved by conjugate gradient.
+
+  The same as ``optax.chain(scale_by_cgfac(damping, ...), optax.trace(momentum),
+  optax.scale_by_learning_rate(learning_rate))``.
+
+  Args:
+    learning_rate: a float or an ``optax.Schedule``.
+    damping: Tikhonov damping ``gamma`` added to each layer's Fisher block.
+    momentum: heavy-ball momentum on the preconditioned gradient; ``None`` or
+      0 for none.
+    nesterov: use Nesterov momentum.
+    **cgfac_kwargs: passed to :func:`scale_by_cgfac` (``max_iters``, ``tol``,
+      ``solver``, ``warm_start``, ``curvature_batch_size``, ``preconditioner``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
+    ``layer_stats=``.
+
+  Examples:
+    >>> import cgfac_optax as cgfac
+    >>> tx = cgfac.cgfac(learning_rate=0.1, damping=1e-3, max_iters=5)
+  """
+  parts = [scale_by_cgfac(damping, **cgfac_kwargs)]
+  if momentum:
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)

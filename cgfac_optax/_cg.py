@@ -1,0 +1,124 @@
+"""Conjugate gradient over many independent blocks in one ``lax.while_loop``.
+
+The loop knows nothing about layers: it takes one positive-definite operator,
+right-hand side and starting point per block, and runs (preconditioned) CG on
+all blocks at once with per-block step sizes and a per-block convergence mask.
+A block that has converged stops changing, and its operator is no longer
+applied, while the others finish.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Operator = Callable[[jax.Array], jax.Array]
+
+
+class CGResult(NamedTuple):
+  """The solutions of a batched CG solve.
+
+  Attributes:
+    x: one solution per block.
+    iterations: CG iterations each block took, shape ``(blocks,)``, int32.
+    residual: each block's relative residual ``||b - A x|| / ||b||`` from the
+      recurrence (0 for a zero right-hand side; NaN for non-finite input),
+      shape ``(blocks,)``.
+  """
+
+  x: list[jax.Array]
+  iterations: jax.Array
+  residual: jax.Array
+
+
+def _vdots(xs: Sequence[jax.Array], ys: Sequence[jax.Array]) -> jax.Array:
+  return jnp.stack([jnp.sum(x * y) for x, y in zip(xs, ys)])
+
+
+def _apply_active(ops: Sequence[Operator], xs, active: jax.Array) -> list[jax.Array]:
+  # lax.cond skips the product of a converged block at run time.
+  return [jax.lax.cond(active[i], op, jnp.zeros_like, x) for i, (op, x) in enumerate(zip(ops, xs))]
+
+
+def batched_cg(
+  operators: Sequence[Operator],
+  b: Sequence[jax.Array],
+  x0: Sequence[jax.Array],
+  *,
+  max_iters: int,
+  tol: float | jax.Array,
+  preconditioners: Sequence[Operator | None] | None = None,
+) -> CGResult:
+  """Solves ``operators[i](x[i]) = b[i]`` for every block ``i`` by CG.
+
+  Each block stops when ``||r_i|| <= tol ||b_i||``, after ``max_iters``
+  iterations, or at breakdown (``p.Ap <= 0`` or non-finite), whichever comes
+  first. A zero right-hand side gives a zero solution in 0 iterations. A block
+  whose ``b`` or ``x0`` is not finite is not iterated: its ``x`` is ``x0`` and
+  its residual is NaN, for the caller to handle.
+
+  Args:
+    operators: ``x -> A_i x`` for symmetric positive-definite ``A_i``.
+    b: right-hand sides.
+    x0: starting points (warm starts), same shapes as ``b``.
+    max_iters: most iterations of any block.
+    tol: relative residual tolerance.
+    preconditioners: ``r -> M_i^{-1} r`` per block, or ``None`` for none.
+
+  Returns:
+    A :class:`CGResult`.
+  """
+  n = len(b)
+  if not (len(operators) == len(x0) == n):
+    raise ValueError(f"need one operator, b and x0 per block, got {len(operators)}, {n}, {len(x0)}")
+  if preconditioners is None:
+    preconditioners = [None] * n
+  precs = [(lambda r: r) if m is None else m for m in preconditioners]
+
+  b = list(b)
+  bb = _vdots(b, b)
+  finite = jnp.stack(
+    [jnp.all(jnp.isfinite(bi)) & jnp.all(jnp.isfinite(xi)) for bi, xi in zip(b, x0)]
+  )
+  zero_rhs = bb == 0
+  x = [jnp.where(z, jnp.zeros_like(xi), xi) for z, xi in zip(zero_rhs, x0)]
+  live = finite & ~zero_rhs
+  ax = _apply_active(operators, x, live)
+  r = [bi - axi for bi, axi in zip(b, ax)]
+  z = [m(ri) for m, ri in zip(precs, r)]
+  rz = _vdots(r, z)
+  rr = _vdots(r, r)
+  threshold = jnp.square(tol) * bb
+  active = live & (rr > threshold)
+  iters = jnp.zeros((n,), jnp.int32)
+
+  def cond_fn(carry):
+    *_, active, _, k = carry
+    return (k < max_iters) & jnp.any(active)
+
+  def body_fn(carry):
+    x, r, p, rz, rr, active, iters, k = carry
+    ap = _apply_active(operators, p, active)
+    pap = _vdots(p, ap)
+    ok = active & (pap > 0) & jnp.isfinite(pap)
+    alpha = jnp.where(ok, rz / jnp.where(ok, pap, 1), 0)
+    x = [jnp.where(o, xi + a * pi, xi) for o, xi, a, pi in zip(ok, x, alpha, p)]
+    r = [jnp.where(o, ri - a * api, ri) for o, ri, a, api in zip(ok, r, alpha, ap)]
+    z = [m(ri) for m, ri in zip(precs, r)]
+    rz_new = _vdots(r, z)
+    beta = jnp.where(ok, rz_new / jnp.where(ok, rz, 1), 0)
+    p = [jnp.where(o, zi + bt * pi, pi) for o, zi, bt, pi in zip(ok, z, beta, p)]
+    rr = jnp.where(ok, _vdots(r, r), rr)
+    rz = jnp.where(ok, rz_new, rz)
+    iters = iters + ok.astype(jnp.int32)
+    active = ok & (rr > threshold)
+    return x, r, p, rz, rr, active, iters, k + 1
+
+  carry = (x, r, z, rz, rr, active, iters, jnp.asarray(0, jnp.int32))
+  x, _, _, _, rr, _, iters, _ = jax.lax.while_loop(cond_fn, body_fn, carry)
+  safe_bb = jnp.where(zero_rhs, 1, bb)
+  residual = jnp.where(zero_rhs, 0, jnp.sqrt(rr / safe_bb))
+  residual = jnp.where(finite, residual, jnp.nan)
+  return CGResult(x=x, iterations=iters, residual=residual)

@@ -1,0 +1,281 @@
+"""``scale_by_cgfac``: the CG-FAC preconditioner as an optax transformation."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cgfac_optax import _blocks, _tree
+from cgfac_optax._blocks import DenseStats
+from cgfac_optax._cg import batched_cg
+
+PRECONDITIONERS = (None, "jacobi")
+
+
+class ScaleByCGFACState(NamedTuple):
+  """State of :func:`scale_by_cgfac`: arrays only.
+
+  Attributes:
+    count: number of updates so far.
+    solution: the last solve's answer per parameter (the warm start of the
+      next solve); zeros for parameters without curvature stats.
+    iterations: CG iterations of the last solve, per layer path (0 for the
+      direct solvers and for layers without stats).
+    residual: relative residual ``||b - F x|| / ||b||`` of the last CG solve,
+      per layer path (0 for the direct solvers, exact up to rounding).
+  """
+
+  count: jax.Array  # shape=(), dtype=int32
+  solution: optax.Updates  # like params
+  iterations: dict[str, jax.Array]  # shape=() each, dtype=int32
+  residual: dict[str, jax.Array]  # shape=() each, dtype=float32
+
+
+class _Layer(NamedTuple):
+  path: str
+  kernel: int  # index of the kernel leaf in the flat gradients
+  bias: int | None  # index of the bias leaf, if any
+  stats: DenseStats
+
+
+def _check_number(name: str, value: Any, ok, requirement: str) -> None:
+  # Traced or array values (inject_hyperparams, schedules) are checked by the user.
+  if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+    raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def _validate(damping, max_iters, tol, solver, curvature_batch_size, preconditioner):
+  if not callable(damping):
+    _check_number("damping", damping, lambda d: d > 0, "> 0")
+  if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
+    raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
+  _check_number("tol", tol, lambda t: t >= 0, ">= 0")
+  if solver not in _blocks.SOLVERS:
+    raise ValueError(f"solver must be one of {sorted(_blocks.SOLVERS)}, got {solver!r}")
+  if curvature_batch_size is not None and (
+    not isinstance(curvature_batch_size, int) or curvature_batch_size < 1
+  ):
+    raise ValueError(
+      f"curvature_batch_size must be None or an int >= 1, got {curvature_batch_size!r}"
+    )
+  if preconditioner not in PRECONDITIONERS:
+    raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+
+
+def _match_layers(paths: list[str], leaves: list[jax.Array], layer_stats) -> list[_Layer]:
+  index = {p: i for i, p in enumerate(paths)}
+  layers = []
+  for path, stats in _tree.flatten_stats(layer_stats).items():
+    k = index.get(f"{path}/kernel" if path else "kernel")
+    if k is None:
+      raise ValueError(
+        f"layer_stats has stats at {path!r} but the gradients have no "
+        f"{path + '/kernel'!r}; stats must sit at the path of the layer's "
+        "parameter dict"
+      )
+    b = index.get(f"{path}/bias" if path else "bias")
+    kernel = leaves[k]
+    a, g = stats.inputs, stats.output_grads
+    if a.ndim < 2 or g.ndim < 2 or a.shape[:-1] != g.shape[:-1]:
+      raise ValueError(
+        f"layer {path!r}: inputs {a.shape} and output_grads {g.shape} must be "
+        "(examples, ..., d) with the same leading dimensions"
+      )
+    d_in, d_out = a.shape[-1], g.shape[-1]
+    if kernel.size != d_in * d_out or (kernel.ndim == 2 and kernel.shape[-1] != d_out):
+      raise ValueError(
+        f"layer {path!r}: kernel shape {kernel.shape} does not match stats with "
+        f"inputs (..., {d_in}) and output_grads (..., {d_out})"
+      )
+    if b is not None and leaves[b].size != d_out:
+      raise ValueError(
+        f"layer {path!r}: bias shape {leaves[b].shape} does not match output_grads (..., {d_out})"
+      )
+    layers.append(_Layer(path, k, b, stats))
+  return layers
+
+
+def _as_matrix(leaves, layer: _Layer, dtype) -> jax.Array:
+  """The layer's kernel (and bias as the last row) as one ``d_A x d_G`` matrix."""
+  d_out = layer.stats.output_grads.shape[-1]
+  m = leaves[layer.kernel].reshape(-1, d_out).astype(dtype)
+  if layer.bias is not None:
+    m = jnp.concatenate([m, leaves[layer.bias].reshape(1, d_out).astype(dtype)], 0)
+  return m
+
+
+def _from_matrix(out: list, leaves, layer: _Layer, m: jax.Array) -> None:
+  kernel = leaves[layer.kernel]
+  out[layer.kernel] = m[: kernel.size // m.shape[1]].reshape(kernel.shape).astype(kernel.dtype)
+  if layer.bias is not None:
+    bias = leaves[layer.bias]
+    out[layer.bias] = m[-1].reshape(bias.shape).astype(bias.dtype)
+
+
+def _curvature_rows(stats: DenseStats, has_bias: bool, batch_size, dtype):
+  a, g = stats.inputs, stats.output_grads
+  if batch_size is not None:
+    a, g = a[:batch_size], g[:batch_size]
+  scale_a, scale_g = _blocks.factor_scales(DenseStats(a, g))
+  a = _blocks.to_rows(a).astype(dtype)
+  g = _blocks.to_rows(g).astype(dtype)
+  if has_bias:
+    a = _blocks.append_ones(a)
+  return a, g, scale_a, scale_g
+
+
+def scale_by_cgfac(
+  damping: float | jax.Array | optax.Schedule,
+  *,
+  max_iters: int = 10,
+  tol: float = 1e-3,
+  solver: str = "cg",
+  warm_start: bool = True,
+  curvature_batch_size: int | None = None,
+  preconditioner: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Preconditions gradients by the damped K-FAC Fisher, solved with CG.
+
+  For each layer with curvature stats ``a`` (inputs) and ``g`` (per-example
+  output gradients), the update is the solution of
+
+  .. math::
+
+    (A \otimes G + \gamma I)\, x = \nabla_W L,
+    \quad A = \tfrac{1}{\text{rows}} a^\top a,\ G = \tfrac{1}{B} g^\top g,
+
+  found by conjugate gradient with the matrix-free product
+  ``A V G = a^T ((a V) g^T) g / (rows B)`` (``solver="cg"``), never forming
+  ``A``, ``G`` or the Fisher, starting from the previous step's solution. All
+  layers are solved in one ``lax.while_loop``. The update has the sign of the
+  gradient; chain a negative learning rate after it (:func:`cgfac` does).
+
+  Parameters whose layer has no entry in ``layer_stats`` pass through
+  unchanged.
+
+  Args:
+    damping: ``gamma > 0``, a float or an ``optax.Schedule`` of the step count.
+    max_iters: most CG iterations per step.
+    tol: CG stops for a layer when ``||r|| <= tol ||grad||``.
+    solver: ``"cg"`` (matrix-free CG, the paper), ``"cg_materialized"`` (CG
+      with ``A`` and ``G`` formed once per step), ``"eigh"`` (exact: standard
+      K-FAC with eigendecomposed factors) or ``"lowrank"`` (exact: thin
+      eigendecomposition from the ``rows x rows`` Gram matrices).
+    warm_start: start CG from the previous solution (else from zero).
+    curvature_batch_size: use only the first this-many examples of the stats
+      for the curvature (the gradient always uses the full batch).
+    preconditioner: ``None`` or ``"jacobi"`` (``diag(A (x) G) + gamma``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    ``layer_stats=`` (a pytree mirroring the params down to each layer's
+    parameter dict, holding :class:`DenseStats` there).
+
+  Raises:
+    ValueError: for invalid options (at construction) and for missing or
+      mismatched ``layer_stats`` (at update).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, cgfac_optax as cgfac
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> g = jax.random.normal(jax.random.key(1), (8, 2))
+    >>> grads = {"dense": {"kernel": x.T @ g / 8, "bias": g.mean(0)}}
+    >>> stats = {"dense": cgfac.DenseStats(inputs=x, output_grads=g)}
+    >>> tx = cgfac.scale_by_cgfac(damping=1e-2)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(grads, state, params, layer_stats=stats)
+    >>> updates["dense"]["kernel"].shape
+    (3, 2)
+
+  References:
+    Chen, `An iterative K-FAC algorithm for Deep Learning
+    <https://arxiv.org/abs/2101.00218>`_, 2021.
+
+    Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored
+    Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
+  """
+  _validate(damping, max_iters, tol, solver, curvature_batch_size, preconditioner)
+  method = _blocks.SOLVERS[solver]
+
+  def init_fn(params):
+    paths = _tree.layer_paths(params)
+    return ScaleByCGFACState(
+      count=jnp.zeros([], jnp.int32),
+      solution=optax.tree.zeros_like(params),
+      iterations={p: jnp.zeros([], jnp.int32) for p in paths},
+      residual={p: jnp.zeros([], jnp.float32) for p in paths},
+    )
+
+  def update_fn(updates, state, params=None, *, layer_stats=None, **extra_args):
+    del params, extra_args
+    if layer_stats is None:
+      raise ValueError(
+        "scale_by_cgfac needs the layers' curvature stats: call "
+        "tx.update(grads, state, params, layer_stats=stats), with stats from "
+        "cgfac_optax.flax.value_grad_and_stats (Linen), "
+        "cgfac_optax.flax.nnx_value_grad_and_stats (NNX), or built by hand as "
+        "{layer path: cgfac_optax.DenseStats(inputs, output_grads)}"
+      )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    paths = [_tree.path_str(p) for p, _ in flat]
+    grads = [leaf for _, leaf in flat]
+    sol_leaves = treedef.flatten_up_to(state.solution)
+    layers = _match_layers(paths, grads, layer_stats)
+    gamma = damping(state.count) if callable(damping) else damping
+
+    out = list(grads)
+    new_sol = list(sol_leaves)
+    iterations = dict(state.iterations)
+    residual = dict(state.residual)
+    rhs, x0, ops, precs, iterative = [], [], [], [], []
+    for layer in layers:
+      dtype = jnp.promote_types(grads[layer.kernel].dtype, jnp.float32)
+      b = _as_matrix(grads, layer, dtype)
+      a, g, sa, sg = _curvature_rows(
+        layer.stats, layer.bias is not None, curvature_batch_size, dtype
+      )
+      gam = jnp.asarray(gamma, dtype)
+      data = method.prepare(a, g, sa, sg)
+      if method.iterative:
+        ops.append(lambda v, data=data, gam=gam: method.apply(data, v) + gam * v)
+        if preconditioner == "jacobi":
+          diag = _blocks.jacobi_diagonal(a, g, sa, sg) + gam
+          precs.append(lambda r, diag=diag: r / diag)
+        else:
+          precs.append(None)
+        rhs.append(b)
+        start = _as_matrix(sol_leaves, layer, dtype)
+        x0.append(start if warm_start else jnp.zeros_like(start))
+        iterative.append(layer)
+      else:
+        x = method.apply(data, b, gam)
+        _finish(out, new_sol, grads, layer, x)
+
+    if iterative:
+      result = batched_cg(ops, rhs, x0, max_iters=max_iters, tol=tol, preconditioners=precs)
+      for i, layer in enumerate(iterative):
+        _finish(out, new_sol, grads, layer, result.x[i])
+        if layer.path in iterations:
+          iterations[layer.path] = result.iterations[i]
+          residual[layer.path] = result.residual[i].astype(jnp.float32)
+
+    new_state = ScaleByCGFACState(
+      count=optax.safe_increment(state.count),
+      solution=treedef.unflatten(new_sol),
+      iterations=iterations,
+      residual=residual,
+    )
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _finish(out, new_sol, grads, layer: _Layer, x: jax.Array) -> None:
+  """Writes one layer's update and warm start; a non-finite solve never reaches the state."""
+  finite = jnp.all(jnp.isfinite(x))
+  _from_matrix(out, grads, layer, jnp.where(finite, x, jnp.nan))
+  _from_matrix(new_sol, grads, layer, jnp.where(finite, x, 0))
