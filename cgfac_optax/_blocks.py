@@ -25,7 +25,8 @@ and ``matvec(data, V) = F V`` for conjugate gradient; *direct* ones give
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
