@@ -56,7 +56,8 @@ def to_rows(x: jax.Array) -> jax.Array:
 
 def append_ones(a: jax.Array) -> jax.Array:
   """Appends the homogeneous coordinate (a column of ones) to ``(rows, d)``."""
-  return jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+  # ones_like keeps a's sharding (a mesh with explicit axes rejects mixed operands).
+  return jnp.concatenate([a, jnp.ones_like(a[:, :1])], axis=1)
 
 
 def factor_scales(stats: DenseStats) -> tuple[float, float]:
@@ -84,7 +85,9 @@ def rows_matvec(data, v: jax.Array) -> jax.Array:
   """``A V G`` as ``s a^T ((a V) g^T) g``: about ``4 rows d_A d_G + 2 rows^2 (d_A + d_G)`` flops."""
   a, g, scale = data
   av = _dot(a, v)  # rows x d_G
-  k = _dot(av, g.T)  # rows x rows
+  # Contract with g's columns rather than with g.T: with rows sharded over devices, the
+  # partitioner then gathers g once per product and uses it for both products with g.
+  k = jax.lax.dot_general(av, g, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
   return scale * _dot(a.T, _dot(k, g))
 
 

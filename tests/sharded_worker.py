@@ -1,0 +1,161 @@
+"""Runs CG-FAC sharded over simulated CPU devices and prints what tests/test_sharding.py checks.
+
+Started by the tests in a fresh process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
+(the rest of the suite runs on one device). Prints one JSON object on its last line.
+
+  python tests/sharded_worker.py updates      # sharded vs single-device steps, every solver
+  python tests/sharded_worker.py collectives  # collectives in the compiled demo-sized step
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _max_rel_diff(got, want) -> float:
+  """Largest ``max|got - want| / max|want|`` over the leaves."""
+  import jax
+  import numpy as np
+
+  worst = 0.0
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    scale = max(np.max(np.abs(w), initial=0.0), 1e-30)
+    worst = max(worst, float(np.max(np.abs(g - w), initial=0.0) / scale))
+  return worst
+
+
+class _CountCompiles(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.count = 0
+
+  def emit(self, record):
+    if record.getMessage().startswith("Finished XLA compilation of jit(step)"):
+      self.count += 1
+
+
+def check_updates(solvers, layouts) -> dict:
+  """Two training steps per solver on one device and on 8, in each layout; what they differ by."""
+  import jax
+  import numpy as np
+  from data_parallel import mlp_value_grad_and_stats, sharded_step, train_step_fn
+
+  import cgfac_optax as cgfac
+
+  handler = _CountCompiles()
+  logging.getLogger("jax").addHandler(handler)
+  jax.config.update("jax_log_compiles", True)
+  logging.getLogger("jax").setLevel(logging.WARNING)
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  # Host arrays throughout, so that no small eager op compiles on the way.
+  rng = np.random.default_rng(0)
+  widths = (16, 32, 16, 8)
+  params0 = {
+    f"Dense_{i}": {
+      "kernel": (rng.normal(size=(m, n)) / np.sqrt(m)).astype(np.float32),
+      "bias": (0.1 * rng.normal(size=n)).astype(np.float32),
+    }
+    for i, (m, n) in enumerate(zip(widths[:-1], widths[1:]))
+  }
+  batches = [
+    (rng.normal(size=(32, 16)).astype(np.float32), rng.integers(0, 8, 32).astype(np.int32))
+    for _ in range(2)
+  ]
+  out = {}
+  for solver in solvers:
+    tx = cgfac.cgfac(learning_rate=0.1, damping=0.1, max_iters=10, tol=1e-3, solver=solver)
+    step = train_step_fn(tx, mlp_value_grad_and_stats)
+
+    state0 = jax.tree.map(np.asarray, jax.jit(tx.init)(params0))
+    ref, params, state = [], params0, state0
+    single = jax.jit(step)
+    for x, y in batches:
+      params, state, _ = single(params, state, x, y)
+      ref.append(jax.tree.map(np.asarray, (params, state)))
+
+    for layout in layouts:
+      jitted, (p_sh, s_sh, b_sh) = sharded_step(step, mesh, layout, params0, state0)
+      handler.count = 0
+      case, inputs, shardings, chained = {}, (params0, state0), [], None
+      for i, (x, y) in enumerate(batches):
+        x, y = jax.device_put((x, y), (b_sh, b_sh))
+        # Each step starts from the single-device run's state, so that both see the same input.
+        params, state, _ = jitted(*jax.device_put(inputs, (p_sh, s_sh)), x, y)
+        # The chained run feeds the sharded step's output back in: its layout must not change.
+        chained = jitted(*chained, x, y)[:2] if i else (params, state)
+        want_params, want_state = ref[i]
+        cg_state = state[0]
+        case[f"step{i + 1}"] = {
+          "update_rel_diff": _max_rel_diff(cg_state.solution, want_state[0].solution),
+          "params_rel_diff": _max_rel_diff(
+            jax.tree.map(lambda a, b: np.asarray(a) - b, params, inputs[0]),
+            jax.tree.map(lambda a, b: a - b, want_params, inputs[0]),
+          ),
+          "iterations": {k: int(v) for k, v in cg_state.iterations.items()},
+          "want_iterations": {k: int(v) for k, v in want_state[0].iterations.items()},
+          # Global termination: every device holds the same iteration count.
+          "iterations_per_device": {
+            k: sorted({int(s.data) for s in v.addressable_shards})
+            for k, v in cg_state.iterations.items()
+          },
+        }
+        inputs = ref[i]
+        shardings.append(jax.tree.map(lambda a: a.sharding, chained[1]))
+      case["compiles"] = handler.count
+      case["state_sharding_stable"] = shardings[0] == shardings[1]
+      second_sharding = shardings[1]
+      case["solution_specs"] = [str(s.spec) for s in jax.tree.leaves(second_sharding[0].solution)]
+      out[f"{solver}/{layout}"] = case
+  return out
+
+
+def check_collectives(solvers) -> dict:
+  """Collectives of the demo-sized data-parallel step (compiled only, not run)."""
+  import hlo_collectives
+  import jax
+  import numpy as np
+  from data_parallel import mlp_init, mlp_value_grad_and_stats, sharded_step, train_step_fn
+
+  import cgfac_optax as cgfac
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  params = jax.eval_shape(mlp_init, jax.random.key(0))
+  x = jax.ShapeDtypeStruct((256, 784), np.float32)
+  y = jax.ShapeDtypeStruct((256,), np.int32)
+  out = {}
+  for solver in solvers:
+    tx = cgfac.cgfac(learning_rate=0.1, damping=1e-2, max_iters=10, solver=solver)
+    state = jax.eval_shape(tx.init, params)
+    step = train_step_fn(tx, mlp_value_grad_and_stats)
+    jitted, _ = sharded_step(step, mesh, "dp", params, state)
+    text = jitted.lower(params, state, x, y).compile().as_text()
+    out[solver] = [c._asdict() for c in hlo_collectives.collectives(text)]
+  return out
+
+
+def main(argv) -> None:
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import cgfac_optax
+
+  what = argv[1]
+  solvers = argv[2].split(",") if len(argv) > 2 else list(cgfac_optax._blocks.SOLVERS)
+  if what == "updates":
+    result = check_updates(solvers, ("dp", "fsdp"))
+  elif what == "collectives":
+    result = check_collectives(solvers)
+  else:
+    raise SystemExit(f"unknown check {what!r}")
+  import jax
+
+  print(json.dumps({"devices": jax.device_count(), "result": result}))
+
+
+if __name__ == "__main__":
+  main(sys.argv)

@@ -1,0 +1,115 @@
+"""CG-FAC under jax.jit on 8 simulated CPU devices: the single-device answer, stable state
+layouts, and the collectives docs_scaling_section.md states.
+
+The 8-device runs happen in a subprocess (tests/sharded_worker.py) because the device count
+is fixed when jax starts, and the rest of the suite runs on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLVERS = ("cg", "cg_materialized", "eigh", "lowrank")
+DEVICES = 8
+
+
+def run_worker(*args: str) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
+  env["JAX_PLATFORMS"] = "cpu"
+  # Eight simulated devices each call LAPACK at once: threaded BLAS would oversubscribe the cores.
+  env["OPENBLAS_NUM_THREADS"] = "1"
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "tests" / "sharded_worker.py"), *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["devices"] == DEVICES
+  return out["result"]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_sharded_steps_equal_single_device_steps(solver):
+  result = run_worker("updates", solver)
+  for layout in ("dp", "fsdp"):
+    case = result[f"{solver}/{layout}"]
+    for step in ("step1", "step2"):
+      got = case[step]
+      where = f"{solver}, {layout} layout, {step}"
+      assert got["update_rel_diff"] <= 1e-5, f"{where}: update differs by {got['update_rel_diff']}"
+      assert got["params_rel_diff"] <= 1e-5, f"{where}: params differ by {got['params_rel_diff']}"
+      # CG stops on global norms: the same iterations as one device, on every device.
+      assert got["iterations"] == got["want_iterations"], where
+      assert all(len(v) == 1 for v in got["iterations_per_device"].values()), where
+    assert case["compiles"] == 1, f"{solver}, {layout}: step 2 recompiled"
+    assert case["state_sharding_stable"], f"{solver}, {layout}: state layout changed on step 2"
+  assert all(s == "P()" for s in result[f"{solver}/dp"]["solution_specs"])
+  assert all("data" in s for s in result[f"{solver}/fsdp"]["solution_specs"])
+  if solver.startswith("cg"):
+    # The layers stop at different iterations, so termination is exercised, not max_iters.
+    iterations = [
+      n for s in ("step1", "step2") for n in result[f"{solver}/dp"][s]["iterations"].values()
+    ]
+    assert min(iterations) < max(iterations) < 10, iterations
+
+
+# The claims of docs_scaling_section.md for the demo MLP 784-256-128-10 at batch 256 (float32),
+# data-parallel over 8 devices. Per layer, with the bias row: (d_A, d_G).
+B = 256
+LAYERS = [(785, 256), (257, 128), (129, 10)]
+# The gradient all-reduce, and the mean loss (one float) that the step returns.
+GRADIENTS = 4 * sum(d_a * d_g for d_a, d_g in LAYERS) + 4
+PRODUCT_ALL_REDUCE = 4 * sum(d_a * d_g for d_a, d_g in LAYERS)  # one d_A x d_G per layer
+ROWS_ALL_GATHER = 4 * sum(B * d_g for _, d_g in LAYERS)  # g's rows, B x d_G per layer
+FACTORS = 4 * sum(d_a * d_a + d_g * d_g for d_a, d_g in LAYERS)  # A and G per layer
+CLAIMS = {
+  # solver: ({kind: bytes} once per step, {kind: bytes} per CG iteration)
+  "cg": (
+    {"all-reduce": GRADIENTS + PRODUCT_ALL_REDUCE, "all-gather": ROWS_ALL_GATHER},
+    {"all-reduce": PRODUCT_ALL_REDUCE, "all-gather": ROWS_ALL_GATHER},
+  ),
+  "cg_materialized": ({"all-reduce": GRADIENTS + FACTORS}, {}),
+  "eigh": ({"all-reduce": GRADIENTS + FACTORS}, {}),
+  "lowrank": (
+    {
+      "all-reduce": GRADIENTS + 4 * sum(B * (d_a + d_g) for d_a, d_g in LAYERS),
+      "all-gather": 4 * sum(B * (d_a + d_g) + 2 * B * B for d_a, d_g in LAYERS),
+      "all-to-all": 4 * sum(2 * B * B // DEVICES for _ in LAYERS),
+    },
+    {},
+  ),
+}
+
+
+def _bytes_by_kind(collectives, in_loop):
+  out = {}
+  for c in collectives:
+    if c["in_loop"] == in_loop:
+      out[c["kind"]] = out.get(c["kind"], 0) + c["bytes"]
+  return out
+
+
+def test_collectives_of_the_demo_step_match_the_documented_counts():
+  result = run_worker("collectives", ",".join(SOLVERS))
+  for solver, (per_step, per_iteration) in CLAIMS.items():
+    found = result[solver]
+    assert _bytes_by_kind(found, False) == per_step, solver
+    assert _bytes_by_kind(found, True) == per_iteration, solver
+  # Matrix-free CG, per iteration: each layer all-reduces one d_A x d_G product and gathers
+  # its B x d_G output-gradient rows (one collective each: the product sits in a lax.cond).
+  loop = sorted((c["kind"], tuple(c["shapes"][0][1])) for c in result["cg"] if c["in_loop"])
+  want = [("all-reduce", (d_a, d_g)) for d_a, d_g in LAYERS]
+  want += [("all-gather", (B, d_g)) for _, d_g in LAYERS]
+  assert loop == sorted(want)
