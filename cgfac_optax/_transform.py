@@ -271,7 +271,27 @@ def scale_by_cgfac(
     )
     return treedef.unflatten(out), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _auto_axes_on_explicit_mesh(update_fn))
+
+
+def _auto_axes_on_explicit_mesh(update_fn):
+  """Runs ``update_fn`` with the context mesh's axes in Auto mode when some are Explicit.
+
+  The curvature products contract over the batch rows, which a data-parallel mesh shards; a
+  mesh with Explicit axes (``jax.make_mesh``'s default) asks for an output sharding at each
+  such contraction. With the axes in Auto mode the partitioner places the collectives, and
+  the update and the new state come back in the layout of the gradients and the old state.
+  Without a mesh, or with Auto axes only, ``update_fn`` runs as it is.
+  """
+
+  def wrapped(updates, state, params=None, *, layer_stats=None, **extra_args):
+    if not getattr(jax.sharding.get_abstract_mesh(), "explicit_axes", ()):
+      return update_fn(updates, state, params, layer_stats=layer_stats, **extra_args)
+    out_sharding = jax.tree.map(lambda x: jax.typeof(x).sharding, (updates, state))
+    solve = lambda u, s, stats: update_fn(u, s, None, layer_stats=stats)
+    return jax.sharding.auto_axes(solve, out_sharding=out_sharding)(updates, state, layer_stats)
+
+  return wrapped
 
 
 def _finish(out, new_sol, grads, layer: _Layer, x: jax.Array) -> None:

@@ -40,8 +40,51 @@ class _CountCompiles(logging.Handler):
       self.count += 1
 
 
-def check_updates(solvers, layouts) -> dict:
-  """Two training steps per solver on one device and on 8, in each layout; what they differ by."""
+def _sharded_run(jitted, layout_shardings, params0, state0, batches, ref, handler) -> dict:
+  """The sharded step from each single-device input, and chained on its own output."""
+  import jax
+  import numpy as np
+
+  p_sh, s_sh, b_sh = layout_shardings
+  handler.count = 0
+  case, inputs, shardings, chained = {}, (params0, state0), [], None
+  for i, (x, y) in enumerate(batches):
+    x, y = jax.device_put((x, y), (b_sh, b_sh))
+    # Each step starts from the single-device run's input, so that both solve the same system.
+    params, state, _ = jitted(*jax.device_put(inputs, (p_sh, s_sh)), x, y)
+    # The chained run feeds the sharded step's output back in: its layout must not change.
+    chained = jitted(*chained, x, y)[:2] if i else (params, state)
+    shardings.append(jax.tree.map(lambda a: a.sharding, chained[1]))
+    want_params, want_state = ref[i]
+    cg_state = state[0]
+    case[f"step{i + 1}"] = {
+      "update_rel_diff": _max_rel_diff(cg_state.solution, want_state[0].solution),
+      "params_rel_diff": _max_rel_diff(
+        jax.tree.map(lambda a, b: np.asarray(a) - b, params, inputs[0]),
+        jax.tree.map(lambda a, b: a - b, want_params, inputs[0]),
+      ),
+      "iterations": {k: int(v) for k, v in cg_state.iterations.items()},
+      "want_iterations": {k: int(v) for k, v in want_state[0].iterations.items()},
+      # Global termination: every device holds the same iteration count.
+      "iterations_per_device": {
+        k: sorted({int(s.data) for s in v.addressable_shards})
+        for k, v in cg_state.iterations.items()
+      },
+    }
+    inputs = ref[i]
+  case["compiles"] = handler.count
+  case["state_sharding_stable"] = shardings[0] == shardings[1]
+  case["solution_specs"] = [str(s.spec) for s in jax.tree.leaves(shardings[1][0].solution)]
+  return case
+
+
+def check_updates(solvers) -> dict:
+  """Two training steps per solver on one device and on 8, per layout; what they differ by.
+
+  Layouts: ``dp`` (batch split, params and state replicated) and ``fsdp`` (params and state
+  split too) on a mesh with Auto axes, and ``dp_explicit``: ``dp`` on a mesh with Explicit
+  axes, run under ``jax.set_mesh``.
+  """
   import jax
   import numpy as np
   from data_parallel import mlp_value_grad_and_stats, sharded_step, train_step_fn
@@ -53,7 +96,9 @@ def check_updates(solvers, layouts) -> dict:
   jax.config.update("jax_log_compiles", True)
   logging.getLogger("jax").setLevel(logging.WARNING)
 
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  devices = np.array(jax.devices())
+  auto = jax.sharding.Mesh(devices, ("data",))
+  explicit = jax.sharding.Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   # Host arrays throughout, so that no small eager op compiles on the way.
   rng = np.random.default_rng(0)
   widths = (16, 32, 16, 8)
@@ -80,39 +125,16 @@ def check_updates(solvers, layouts) -> dict:
       params, state, _ = single(params, state, x, y)
       ref.append(jax.tree.map(np.asarray, (params, state)))
 
-    for layout in layouts:
-      jitted, (p_sh, s_sh, b_sh) = sharded_step(step, mesh, layout, params0, state0)
-      handler.count = 0
-      case, inputs, shardings, chained = {}, (params0, state0), [], None
-      for i, (x, y) in enumerate(batches):
-        x, y = jax.device_put((x, y), (b_sh, b_sh))
-        # Each step starts from the single-device run's state, so that both see the same input.
-        params, state, _ = jitted(*jax.device_put(inputs, (p_sh, s_sh)), x, y)
-        # The chained run feeds the sharded step's output back in: its layout must not change.
-        chained = jitted(*chained, x, y)[:2] if i else (params, state)
-        want_params, want_state = ref[i]
-        cg_state = state[0]
-        case[f"step{i + 1}"] = {
-          "update_rel_diff": _max_rel_diff(cg_state.solution, want_state[0].solution),
-          "params_rel_diff": _max_rel_diff(
-            jax.tree.map(lambda a, b: np.asarray(a) - b, params, inputs[0]),
-            jax.tree.map(lambda a, b: a - b, want_params, inputs[0]),
-          ),
-          "iterations": {k: int(v) for k, v in cg_state.iterations.items()},
-          "want_iterations": {k: int(v) for k, v in want_state[0].iterations.items()},
-          # Global termination: every device holds the same iteration count.
-          "iterations_per_device": {
-            k: sorted({int(s.data) for s in v.addressable_shards})
-            for k, v in cg_state.iterations.items()
-          },
-        }
-        inputs = ref[i]
-        shardings.append(jax.tree.map(lambda a: a.sharding, chained[1]))
-      case["compiles"] = handler.count
-      case["state_sharding_stable"] = shardings[0] == shardings[1]
-      second_sharding = shardings[1]
-      case["solution_specs"] = [str(s.spec) for s in jax.tree.leaves(second_sharding[0].solution)]
-      out[f"{solver}/{layout}"] = case
+    for name, mesh, layout in (("dp", auto, "dp"), ("fsdp", auto, "fsdp")):
+      jitted, shardings = sharded_step(step, mesh, layout, params0, state0)
+      out[f"{solver}/{name}"] = _sharded_run(
+        jitted, shardings, params0, state0, batches, ref, handler
+      )
+    with jax.set_mesh(explicit):
+      jitted, shardings = sharded_step(step, explicit, "dp", params0, state0)
+      out[f"{solver}/dp_explicit"] = _sharded_run(
+        jitted, shardings, params0, state0, batches, ref, handler
+      )
   return out
 
 
@@ -147,7 +169,7 @@ def main(argv) -> None:
   what = argv[1]
   solvers = argv[2].split(",") if len(argv) > 2 else list(cgfac_optax._blocks.SOLVERS)
   if what == "updates":
-    result = check_updates(solvers, ("dp", "fsdp"))
+    result = check_updates(solvers)
   elif what == "collectives":
     result = check_collectives(solvers)
   else:

@@ -43,7 +43,7 @@ def run_worker(*args: str) -> dict:
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_sharded_steps_equal_single_device_steps(solver):
   result = run_worker("updates", solver)
-  for layout in ("dp", "fsdp"):
+  for layout in ("dp", "fsdp", "dp_explicit"):
     case = result[f"{solver}/{layout}"]
     for step in ("step1", "step2"):
       got = case[step]
@@ -55,7 +55,8 @@ def test_sharded_steps_equal_single_device_steps(solver):
       assert all(len(v) == 1 for v in got["iterations_per_device"].values()), where
     assert case["compiles"] == 1, f"{solver}, {layout}: step 2 recompiled"
     assert case["state_sharding_stable"], f"{solver}, {layout}: state layout changed on step 2"
-  assert all(s == "P()" for s in result[f"{solver}/dp"]["solution_specs"])
+  for layout in ("dp", "dp_explicit"):
+    assert all(s == "P()" for s in result[f"{solver}/{layout}"]["solution_specs"])
   assert all("data" in s for s in result[f"{solver}/fsdp"]["solution_specs"])
   if solver.startswith("cg"):
     # The layers stop at different iterations, so termination is exercised, not max_iters.
