@@ -5,6 +5,7 @@ Started by the tests in a fresh process with ``XLA_FLAGS=--xla_force_host_platfo
 
   python tests/sharded_worker.py updates      # sharded vs single-device steps, every solver
   python tests/sharded_worker.py collectives  # collectives in the compiled demo-sized step
+  python tests/sharded_worker.py conditioning # float32 on 1 and 8 devices against float64
 """
 
 from __future__ import annotations
@@ -38,6 +39,26 @@ class _CountCompiles(logging.Handler):
   def emit(self, record):
     if record.getMessage().startswith("Finished XLA compilation of jit(step)"):
       self.count += 1
+
+
+def _test_problem():
+  """An MLP 16-32-16-8 and two batches of 32, as host arrays (no small eager op compiles)."""
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  widths = (16, 32, 16, 8)
+  params = {
+    f"Dense_{i}": {
+      "kernel": (rng.normal(size=(m, n)) / np.sqrt(m)).astype(np.float32),
+      "bias": (0.1 * rng.normal(size=n)).astype(np.float32),
+    }
+    for i, (m, n) in enumerate(zip(widths[:-1], widths[1:]))
+  }
+  batches = [
+    (rng.normal(size=(32, 16)).astype(np.float32), rng.integers(0, 8, 32).astype(np.int32))
+    for _ in range(2)
+  ]
+  return params, batches
 
 
 def _sharded_run(jitted, layout_shardings, params0, state0, batches, ref, handler) -> dict:
@@ -99,20 +120,7 @@ def check_updates(solvers) -> dict:
   devices = np.array(jax.devices())
   auto = jax.sharding.Mesh(devices, ("data",))
   explicit = jax.sharding.Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-  # Host arrays throughout, so that no small eager op compiles on the way.
-  rng = np.random.default_rng(0)
-  widths = (16, 32, 16, 8)
-  params0 = {
-    f"Dense_{i}": {
-      "kernel": (rng.normal(size=(m, n)) / np.sqrt(m)).astype(np.float32),
-      "bias": (0.1 * rng.normal(size=n)).astype(np.float32),
-    }
-    for i, (m, n) in enumerate(zip(widths[:-1], widths[1:]))
-  }
-  batches = [
-    (rng.normal(size=(32, 16)).astype(np.float32), rng.integers(0, 8, 32).astype(np.int32))
-    for _ in range(2)
-  ]
+  params0, batches = _test_problem()
   out = {}
   for solver in solvers:
     tx = cgfac.cgfac(learning_rate=0.1, damping=0.1, max_iters=10, tol=1e-3, solver=solver)
@@ -152,14 +160,49 @@ def check_collectives(solvers) -> dict:
   x = jax.ShapeDtypeStruct((256, 784), np.float32)
   y = jax.ShapeDtypeStruct((256,), np.int32)
   out = {}
-  for solver in solvers:
+  for solver, layout in [(s, "dp") for s in solvers] + [("cg", "fsdp")]:
     tx = cgfac.cgfac(learning_rate=0.1, damping=1e-2, max_iters=10, solver=solver)
     state = jax.eval_shape(tx.init, params)
     step = train_step_fn(tx, mlp_value_grad_and_stats)
-    jitted, _ = sharded_step(step, mesh, "dp", params, state)
+    jitted, _ = sharded_step(step, mesh, layout, params, state)
     text = jitted.lower(params, state, x, y).compile().as_text()
-    out[solver] = [c._asdict() for c in hlo_collectives.collectives(text)]
+    out[f"{solver}/{layout}"] = [c._asdict() for c in hlo_collectives.collectives(text)]
   return out
+
+
+def check_conditioning() -> dict:
+  """How far float32 CG steps on 1 and 8 devices are from float64, at a small damping.
+
+  The second step (warm-started) of ``"cg"`` with ``damping=1e-2`` on the test MLP, from the
+  same input on one device (float32 and float64) and data-parallel on 8 (float32).
+  """
+  import jax
+  import numpy as np
+  from data_parallel import mlp_value_grad_and_stats, sharded_step, train_step_fn
+
+  import cgfac_optax as cgfac
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  params0, batches = _test_problem()
+  tx = cgfac.cgfac(learning_rate=0.1, damping=1e-2, max_iters=10, tol=1e-3, solver="cg")
+  step = train_step_fn(tx, mlp_value_grad_and_stats)
+  state0 = jax.tree.map(np.asarray, jax.jit(tx.init)(params0))
+  single = jax.jit(step)
+  inputs = jax.tree.map(np.asarray, single(params0, state0, *batches[0])[:2])
+  x, y = batches[1]
+  f32 = jax.tree.map(np.asarray, single(*inputs, x, y)[1][0].solution)
+  jitted, (p_sh, s_sh, b_sh) = sharded_step(step, mesh, "dp", params0, state0)
+  sharded = jitted(*jax.device_put(inputs, (p_sh, s_sh)), *jax.device_put((x, y), (b_sh, b_sh)))
+  sharded = jax.tree.map(np.asarray, sharded[1][0].solution)
+  with jax.enable_x64(True):
+    wide = jax.tree.map(lambda a: a.astype(np.float64) if a.dtype == np.float32 else a, inputs)
+    f64 = jax.jit(step)(*wide, x.astype(np.float64), y)[1][0].solution
+    f64 = jax.tree.map(np.asarray, f64)
+  return {
+    "single_vs_f64": _max_rel_diff(f32, f64),
+    "sharded_vs_f64": _max_rel_diff(sharded, f64),
+    "sharded_vs_single": _max_rel_diff(sharded, f32),
+  }
 
 
 def main(argv) -> None:
@@ -172,6 +215,8 @@ def main(argv) -> None:
     result = check_updates(solvers)
   elif what == "collectives":
     result = check_collectives(solvers)
+  elif what == "conditioning":
+    result = check_conditioning()
   else:
     raise SystemExit(f"unknown check {what!r}")
   import jax
