@@ -14,6 +14,7 @@ per-device work shrinks with N and the collectives cost network time instead.
 
   python benchmarks/data_parallel.py                       # 8 devices, every solver
   python benchmarks/data_parallel.py --devices 4 --solvers cg,eigh --steps 10 --layout fsdp
+  python benchmarks/data_parallel.py --devices 2 --hidden 16 --steps 1 --solvers cg  # smoke
 """
 
 from __future__ import annotations
@@ -216,6 +217,9 @@ def run_devices(n: int, argv: list[str]) -> dict:
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
   env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
   env["JAX_PLATFORMS"] = "cpu"
+  # N simulated devices call LAPACK at once ("eigh", "lowrank"): threaded BLAS in each would
+  # oversubscribe the cores by far. One BLAS thread in both runs, for a like-for-like pair.
+  env["OPENBLAS_NUM_THREADS"] = "1"
   out = subprocess.run(
     [sys.executable, __file__, "--child", *argv],
     env=env,
@@ -251,7 +255,8 @@ def print_table(args, one: dict, many: dict) -> None:
     )
   print(
     f"Note: the {n} devices are simulated on the same {os.cpu_count()} CPU cores, so the "
-    f"{n}-device time is not a speed-up measurement (see the module docstring)."
+    f"{n}-device time is not a speed-up measurement (see the module docstring). "
+    "Both runs use OPENBLAS_NUM_THREADS=1."
   )
   print("Collectives: count and KiB of the results per device, from the compiled HLO;")
   print(
@@ -279,6 +284,16 @@ def plot(args, one: dict, many: dict, path: Path) -> None:
   fig.savefig(path, dpi=120)
 
 
+def versions() -> dict:
+  return {
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "cgfac_optax": cgfac.__version__,
+    "cpu": platform.processor() or platform.machine(),
+    "cores": os.cpu_count(),
+  }
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--devices", type=int, default=8)
@@ -286,7 +301,7 @@ def parse_args(argv=None):
   parser.add_argument("--layout", choices=LAYOUTS, default="dp")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--batch-size", type=int, default=256)
-  parser.add_argument("--widths", default=",".join(map(str, DEMO_WIDTHS)))
+  parser.add_argument("--hidden", default=",".join(map(str, DEMO_WIDTHS[1:-1])))
   parser.add_argument("--learning-rate", type=float, default=0.1)
   parser.add_argument("--damping", type=float, default=1e-2)
   parser.add_argument("--max-iters", type=int, default=10)
@@ -295,7 +310,7 @@ def parse_args(argv=None):
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.solvers = args.solvers.split(",")
-  args.widths = tuple(int(w) for w in args.widths.split(","))
+  args.widths = (DEMO_WIDTHS[0], *(int(w) for w in args.hidden.split(",")), DEMO_WIDTHS[-1])
   return args
 
 
@@ -309,17 +324,19 @@ def main(argv=None) -> None:
     raise SystemExit(
       f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}"
     )
-  print(
-    f"jax {jax.__version__}, optax {optax.__version__}, cgfac_optax {cgfac.__version__}, "
-    f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
-  )
+  print(", ".join(f"{k} {v}" for k, v in versions().items()))
   child_argv = [a for a in argv if a != "--child"]
   one = run_devices(1, child_argv)
   many = run_devices(args.devices, child_argv)
   print_table(args, one, many)
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  record = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "one": one, "many": many}
+  record = {
+    "args": {k: v for k, v in vars(args).items() if k != "child"},
+    "versions": versions(),
+    "one": one,
+    "many": many,
+  }
   out.with_suffix(".json").write_text(json.dumps(record, indent=1))
   plot(args, one, many, out.with_suffix(".png"))
   print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")

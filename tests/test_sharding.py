@@ -163,3 +163,21 @@ def test_scaling_section_examples_run_on_8_devices(tmp_path):
     script = tmp_path / f"scaling_{i}.py"
     script.write_text(block)
     run_script(script)
+
+
+def test_data_parallel_benchmark_runs(tmp_path):
+  out = tmp_path / "dp"
+  stdout = run_script(
+    ROOT / "benchmarks" / "data_parallel.py",
+    *("--devices", "2", "--hidden", "16", "--steps", "1", "--solvers", "cg"),
+    *("--out", str(out)),
+  )
+  assert "cg " in stdout and "simulated" in stdout
+  record = json.loads(out.with_suffix(".json").read_text())
+  assert record["many"]["devices"] == 2 and record["one"]["devices"] == 1
+  # One hidden layer of 16 and the output layer: per CG iteration, each all-reduces its
+  # d_A x d_G product and gathers its g.
+  iteration = record["many"]["results"]["cg"]["collectives"]["iteration"]
+  assert iteration["all-reduce:bytes"] == 4 * (785 * 16 + 17 * 10)
+  assert iteration["all-gather:bytes"] == 4 * 256 * (16 + 10)
+  assert out.with_suffix(".png").stat().st_size > 0
