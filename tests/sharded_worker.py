@@ -3,7 +3,7 @@
 Started by the tests in a fresh process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
 (the rest of the suite runs on one device). Prints one JSON object on its last line.
 
-  python tests/sharded_worker.py updates      # sharded vs single-device steps, every solver
+  python tests/sharded_worker.py updates cg linen_mlp,linen_cnn  # sharded vs 1-device steps
   python tests/sharded_worker.py collectives  # collectives in the compiled demo-sized step
   python tests/sharded_worker.py conditioning # float32 on 1 and 8 devices against float64
 """
@@ -41,24 +41,58 @@ class _CountCompiles(logging.Handler):
       self.count += 1
 
 
-def _test_problem():
-  """An MLP 16-32-16-8 and two batches of 32, as host arrays (no small eager op compiles)."""
+def _test_problem(model: str = "mlp"):
+  """Params, ``value_grad_and_stats(params, x, y)`` and two batches of 32, as host arrays.
+
+  ``"mlp"``: an MLP 16-32-16-8 with hand-captured stats (empirical Fisher). ``"linen_mlp"``
+  (the same widths) and ``"linen_cnn"`` (conv 3x3, average pool, conv 3x3, dense on 8x8x1
+  images): Flax Linen models with stats from ``cgfac_optax.flax.value_grad_and_stats``, with
+  the sampled Fisher (the same key on every device count).
+  """
+  import jax
   import numpy as np
 
   rng = np.random.default_rng(0)
-  widths = (16, 32, 16, 8)
-  params = {
-    f"Dense_{i}": {
-      "kernel": (rng.normal(size=(m, n)) / np.sqrt(m)).astype(np.float32),
-      "bias": (0.1 * rng.normal(size=n)).astype(np.float32),
-    }
-    for i, (m, n) in enumerate(zip(widths[:-1], widths[1:]))
-  }
+  shape = (8, 8, 1) if model == "linen_cnn" else (16,)
   batches = [
-    (rng.normal(size=(32, 16)).astype(np.float32), rng.integers(0, 8, 32).astype(np.int32))
+    (rng.normal(size=(32, *shape)).astype(np.float32), rng.integers(0, 8, 32).astype(np.int32))
     for _ in range(2)
   ]
-  return params, batches
+  if model == "mlp":
+    from data_parallel import mlp_value_grad_and_stats
+
+    widths = (16, 32, 16, 8)
+    params = {
+      f"Dense_{i}": {
+        "kernel": (rng.normal(size=(m, n)) / np.sqrt(m)).astype(np.float32),
+        "bias": (0.1 * rng.normal(size=n)).astype(np.float32),
+      }
+      for i, (m, n) in enumerate(zip(widths[:-1], widths[1:]))
+    }
+    return params, mlp_value_grad_and_stats, batches
+
+  import flax.linen as nn
+
+  from cgfac_optax import flax as cflax
+
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(8, (3, 3))(x))
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+      x = nn.relu(nn.Conv(8, (3, 3))(x))
+      return nn.Dense(8)(x.reshape(x.shape[0], -1))
+
+  if model == "linen_mlp":
+    net = nn.Sequential([nn.Dense(32), nn.tanh, nn.Dense(16), nn.tanh, nn.Dense(8)])
+  elif model == "linen_cnn":
+    net = CNN()
+  else:
+    raise ValueError(f"unknown model {model!r}")
+  params = jax.jit(net.init)(jax.random.key(0), batches[0][0])["params"]
+  vgs = cflax.value_grad_and_stats(net, loss="softmax_cross_entropy", fisher="sampled")
+  key = jax.random.key(1)
+  return jax.tree.map(np.asarray, params), lambda p, x, y: vgs(p, x, y, key), batches
 
 
 def _sharded_run(jitted, layout_shardings, params0, state0, batches, ref, handler) -> dict:
@@ -99,16 +133,16 @@ def _sharded_run(jitted, layout_shardings, params0, state0, batches, ref, handle
   return case
 
 
-def check_updates(solvers) -> dict:
-  """Two training steps per solver on one device and on 8, per layout; what they differ by.
+def check_updates(solvers, models) -> dict:
+  """Two training steps per solver and model on one device and on 8, per layout; how they differ.
 
   Layouts: ``dp`` (batch split, params and state replicated) and ``fsdp`` (params and state
   split too) on a mesh with Auto axes, and ``dp_explicit``: ``dp`` on a mesh with Explicit
-  axes, run under ``jax.set_mesh``.
+  axes, run under ``jax.set_mesh`` (for the first model only).
   """
   import jax
   import numpy as np
-  from data_parallel import mlp_value_grad_and_stats, sharded_step, train_step_fn
+  from data_parallel import sharded_step, train_step_fn
 
   import cgfac_optax as cgfac
 
@@ -120,11 +154,11 @@ def check_updates(solvers) -> dict:
   devices = np.array(jax.devices())
   auto = jax.sharding.Mesh(devices, ("data",))
   explicit = jax.sharding.Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-  params0, batches = _test_problem()
   out = {}
-  for solver in solvers:
+  for model, solver in [(m, s) for m in models for s in solvers]:
+    params0, value_grad_and_stats, batches = _test_problem(model)
     tx = cgfac.cgfac(learning_rate=0.1, damping=0.1, max_iters=10, tol=1e-3, solver=solver)
-    step = train_step_fn(tx, mlp_value_grad_and_stats)
+    step = train_step_fn(tx, value_grad_and_stats)
 
     state0 = jax.tree.map(np.asarray, jax.jit(tx.init)(params0))
     ref, params, state = [], params0, state0
@@ -135,14 +169,15 @@ def check_updates(solvers) -> dict:
 
     for name, mesh, layout in (("dp", auto, "dp"), ("fsdp", auto, "fsdp")):
       jitted, shardings = sharded_step(step, mesh, layout, params0, state0)
-      out[f"{solver}/{name}"] = _sharded_run(
+      out[f"{model}/{solver}/{name}"] = _sharded_run(
         jitted, shardings, params0, state0, batches, ref, handler
       )
-    with jax.set_mesh(explicit):
-      jitted, shardings = sharded_step(step, explicit, "dp", params0, state0)
-      out[f"{solver}/dp_explicit"] = _sharded_run(
-        jitted, shardings, params0, state0, batches, ref, handler
-      )
+    if model == models[0]:
+      with jax.set_mesh(explicit):
+        jitted, shardings = sharded_step(step, explicit, "dp", params0, state0)
+        out[f"{model}/{solver}/dp_explicit"] = _sharded_run(
+          jitted, shardings, params0, state0, batches, ref, handler
+        )
   return out
 
 
@@ -178,14 +213,14 @@ def check_conditioning() -> dict:
   """
   import jax
   import numpy as np
-  from data_parallel import mlp_value_grad_and_stats, sharded_step, train_step_fn
+  from data_parallel import sharded_step, train_step_fn
 
   import cgfac_optax as cgfac
 
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  params0, batches = _test_problem()
+  params0, value_grad_and_stats, batches = _test_problem("mlp")
   tx = cgfac.cgfac(learning_rate=0.1, damping=1e-2, max_iters=10, tol=1e-3, solver="cg")
-  step = train_step_fn(tx, mlp_value_grad_and_stats)
+  step = train_step_fn(tx, value_grad_and_stats)
   state0 = jax.tree.map(np.asarray, jax.jit(tx.init)(params0))
   single = jax.jit(step)
   inputs = jax.tree.map(np.asarray, single(params0, state0, *batches[0])[:2])
@@ -212,7 +247,8 @@ def main(argv) -> None:
   what = argv[1]
   solvers = argv[2].split(",") if len(argv) > 2 else list(cgfac_optax._blocks.SOLVERS)
   if what == "updates":
-    result = check_updates(solvers)
+    models = argv[3].split(",") if len(argv) > 3 else ["mlp"]
+    result = check_updates(solvers, models)
   elif what == "collectives":
     result = check_collectives(solvers)
   elif what == "conditioning":
