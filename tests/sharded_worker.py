@@ -5,7 +5,6 @@ Started by the tests in a fresh process with ``XLA_FLAGS=--xla_force_host_platfo
 
   python tests/sharded_worker.py updates cg linen_mlp,linen_cnn  # sharded vs 1-device steps
   python tests/sharded_worker.py collectives  # collectives in the compiled demo-sized step
-  python tests/sharded_worker.py conditioning # float32 on 1 and 8 devices against float64
 """
 
 from __future__ import annotations
@@ -205,41 +204,6 @@ def check_collectives(solvers) -> dict:
   return out
 
 
-def check_conditioning() -> dict:
-  """How far float32 CG steps on 1 and 8 devices are from float64, at a small damping.
-
-  The second step (warm-started) of ``"cg"`` with ``damping=1e-2`` on the test MLP, from the
-  same input on one device (float32 and float64) and data-parallel on 8 (float32).
-  """
-  import jax
-  import numpy as np
-  from data_parallel import sharded_step, train_step_fn
-
-  import cgfac_optax as cgfac
-
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  params0, value_grad_and_stats, batches = _test_problem("mlp")
-  tx = cgfac.cgfac(learning_rate=0.1, damping=1e-2, max_iters=10, tol=1e-3, solver="cg")
-  step = train_step_fn(tx, value_grad_and_stats)
-  state0 = jax.tree.map(np.asarray, jax.jit(tx.init)(params0))
-  single = jax.jit(step)
-  inputs = jax.tree.map(np.asarray, single(params0, state0, *batches[0])[:2])
-  x, y = batches[1]
-  f32 = jax.tree.map(np.asarray, single(*inputs, x, y)[1][0].solution)
-  jitted, (p_sh, s_sh, b_sh) = sharded_step(step, mesh, "dp", params0, state0)
-  sharded = jitted(*jax.device_put(inputs, (p_sh, s_sh)), *jax.device_put((x, y), (b_sh, b_sh)))
-  sharded = jax.tree.map(np.asarray, sharded[1][0].solution)
-  with jax.enable_x64(True):
-    wide = jax.tree.map(lambda a: a.astype(np.float64) if a.dtype == np.float32 else a, inputs)
-    f64 = jax.jit(step)(*wide, x.astype(np.float64), y)[1][0].solution
-    f64 = jax.tree.map(np.asarray, f64)
-  return {
-    "single_vs_f64": _max_rel_diff(f32, f64),
-    "sharded_vs_f64": _max_rel_diff(sharded, f64),
-    "sharded_vs_single": _max_rel_diff(sharded, f32),
-  }
-
-
 def main(argv) -> None:
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import cgfac_optax
@@ -251,8 +215,6 @@ def main(argv) -> None:
     result = check_updates(solvers, models)
   elif what == "collectives":
     result = check_collectives(solvers)
-  elif what == "conditioning":
-    result = check_conditioning()
   else:
     raise SystemExit(f"unknown check {what!r}")
   import jax
