@@ -5,28 +5,37 @@ from __future__ import annotations
 import jax
 import optax
 
+from cgfac_optax._damping import AdaptiveDamping
 from cgfac_optax._transform import scale_by_cgfac
 
 
 def cgfac(
   learning_rate: float | jax.Array | optax.Schedule,
-  damping: float | jax.Array | optax.Schedule = 1e-3,
+  damping: float | jax.Array | optax.Schedule | AdaptiveDamping = 1e-3,
   *,
   momentum: float | None = 0.9,
   nesterov: bool = False,
+  kl_clip: float | jax.Array | None = 1e-3,
   **cgfac_kwargs,
 ) -> optax.GradientTransformationExtraArgs:
   """CG-FAC: K-FAC natural-gradient steps solved by conjugate gradient.
 
-  The same as ``optax.chain(scale_by_cgfac(damping, ...), optax.trace(momentum),
-  optax.scale_by_learning_rate(learning_rate))``.
+  The same as ``optax.chain(scale_by_cgfac(damping, learning_rate=learning_rate,
+  kl_clip=kl_clip, ...), optax.trace(momentum),
+  optax.scale_by_learning_rate(learning_rate))``: KL clipping is on by default
+  (kfac-pytorch's default bound), so a too-large learning rate shortens the
+  steps instead of diverging.
 
   Args:
     learning_rate: a float or an ``optax.Schedule``.
-    damping: Tikhonov damping ``gamma`` added to each layer's Fisher block.
+    damping: Tikhonov damping ``gamma`` added to each layer's Fisher block: a
+      float, a schedule, or :class:`AdaptiveDamping` (then ``update`` also
+      takes ``value=`` and ``value_fn=``, see :func:`scale_by_cgfac`).
     momentum: heavy-ball momentum on the preconditioned gradient; ``None`` or
       0 for none.
     nesterov: use Nesterov momentum.
+    kl_clip: bound ``kappa`` on ``learning_rate^2 <x, F x>`` of each
+      preconditioned step ``x`` (before momentum); ``None`` turns clipping off.
     **cgfac_kwargs: passed to :func:`scale_by_cgfac` (``max_iters``, ``tol``,
       ``solver``, ``warm_start``, ``curvature_batch_size``, ``preconditioner``).
 
@@ -38,7 +47,7 @@ def cgfac(
     >>> import cgfac_optax as cgfac
     >>> tx = cgfac.cgfac(learning_rate=0.1, damping=1e-3, max_iters=5)
   """
-  parts = [scale_by_cgfac(damping, **cgfac_kwargs)]
+  parts = [scale_by_cgfac(damping, learning_rate=learning_rate, kl_clip=kl_clip, **cgfac_kwargs)]
   if momentum:
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(optax.scale_by_learning_rate(learning_rate))
