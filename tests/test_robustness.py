@@ -1,13 +1,18 @@
 """Bad inputs get clear errors or defined behaviour, and never poison the optimizer state."""
 
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from sklearn.datasets import load_digits
 
 import cgfac_optax as cgfac
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import digits_mlp  # noqa: E402
 
 SOLVERS = ["cg", "cg_materialized", "eigh", "lowrank"]
 
@@ -235,50 +240,13 @@ def test_non_finite_damping_skips_every_layer():
   assert all(np.any(as_matrix(u) != 0) for u in updates.values())
 
 
-# A tiny pure-JAX MLP on sklearn's digits; stats by hand (inputs from the forward pass,
-# per-example output gradients from zero perturbations added to the pre-activations).
-
-
-def digits(n=256):
-  x, y = load_digits(return_X_y=True)
-  return jnp.asarray(x[:n] / 16.0, jnp.float32), jnp.asarray(y[:n])
-
-
-def mlp_init(seed, sizes=(64, 16, 10)):
-  keys = jax.random.split(jax.random.key(seed), len(sizes) - 1)
-  return {
-    f"layer{i}": {"kernel": jax.random.normal(k, (m, n)) / np.sqrt(m), "bias": jnp.zeros(n)}
-    for i, (k, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
-  }
-
-
-def mlp_loss_grads_stats(params, x, y):
-  names = sorted(params)
-
-  def total(params, eps):
-    h, inputs = x, {}
-    for i, name in enumerate(names):
-      inputs[name] = h
-      z = h @ params[name]["kernel"] + params[name]["bias"] + eps[name]
-      h = jnp.tanh(z) if i < len(names) - 1 else z
-    per_example = optax.softmax_cross_entropy_with_integer_labels(h, y)
-    return per_example.sum(), (per_example.mean(), inputs)
-
-  eps = {k: jnp.zeros((x.shape[0], params[k]["bias"].shape[0])) for k in names}
-  (_, (loss, inputs)), (g_params, g_out) = jax.value_and_grad(total, (0, 1), has_aux=True)(
-    params, eps
-  )
-  grads = jax.tree.map(lambda t: t / x.shape[0], g_params)
-  return loss, grads, {k: cgfac.DenseStats(inputs[k], g_out[k]) for k in names}
-
-
 def train(tx, steps, inject_at):
   """Losses and (state, update) per step of a clean run and of one with NaN stats at a step."""
-  x, y = digits()
+  x, y = digits_mlp.digits()
 
   @jax.jit
   def step(params, state, poison):
-    loss, grads, stats = mlp_loss_grads_stats(params, x, y)
+    loss, grads, stats = digits_mlp.loss_grads_stats(params, x, y)
     a = stats["layer0"].inputs
     a = a.at[3].set(jnp.where(poison, jnp.nan, a[3]))  # one NaN row on demand
     stats["layer0"] = cgfac.DenseStats(a, stats["layer0"].output_grads)
@@ -286,7 +254,7 @@ def train(tx, steps, inject_at):
     return optax.apply_updates(params, updates), state, loss, updates
 
   def run(inject_at):
-    params = mlp_init(0)
+    params = digits_mlp.init(0)
     state = tx.init(params)
     losses, states = [], []
     for i in range(steps):
