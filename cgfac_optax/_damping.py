@@ -22,6 +22,13 @@ Then the damping is raised (divided by ``decay ** interval``) when
 ``rho > 3/4``, and kept between ``minimum`` and ``maximum``. When the model
 predicts no decrease (a zero gradient, or ``t >= 2``) there is nothing to
 compare and the damping is kept.
+
+The rule judges the model along the probed step. When that step is short
+(a small learning rate, or KL clipping active: ``t << 1``) the first-order
+term dominates both the actual and the predicted change, ``rho`` tends to 1
+and the damping falls toward ``minimum``; the adaptation says most when the
+probed step is a full one (``t`` near 1, as with kfac-jax's adaptive learning
+rate).
 """
 
 from __future__ import annotations

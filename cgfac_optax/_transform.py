@@ -341,7 +341,7 @@ def scale_by_cgfac(
       written = _write_finite(
         out, grads, layer, jnp.ldexp(x_hat * clip.mantissa, e + clip.exponent)
       )
-      _write_finite(new_sol, grads, layer, jnp.ldexp(x_hat, e))
+      _write_finite(new_sol, sol_leaves, layer, jnp.ldexp(x_hat, e))
       skip = ~(o & written)
       if layer.path in skipped:
         skipped[layer.path] = skipped[layer.path] + skip.astype(jnp.int32)
