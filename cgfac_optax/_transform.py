@@ -299,11 +299,11 @@ def scale_by_cgfac(
       )
       systems.append(system)
       gam = jnp.asarray(gamma, dtype)
-      data = method.prepare(system.a, system.g, sa, sg)
+      data = method.prepare(a, g, sa, sg)
       if method.iterative:
         ops.append(lambda v, data=data, gam=gam: method.apply(data, v) + gam * v)
         if preconditioner == "jacobi":
-          diag = _blocks.jacobi_diagonal(system.a, system.g, sa, sg) + gam
+          diag = _blocks.jacobi_diagonal(a, g, sa, sg) + gam
           precs.append(lambda r, diag=diag: r / diag)
         else:
           precs.append(None)
@@ -339,9 +339,9 @@ def scale_by_cgfac(
     skipped = dict(state.control.skipped)
     for layer, x_hat, e, o in zip(layers, x_hats, exponents, ok):
       written = _write_finite(
-        out, grads, layer, jnp.ldexp(x_hat * clip.mantissa, e + clip.exponent)
+        out, grads, layer, _finite.times_pow2(x_hat * clip.mantissa, e + clip.exponent)
       )
-      _write_finite(new_sol, sol_leaves, layer, jnp.ldexp(x_hat, e))
+      _write_finite(new_sol, sol_leaves, layer, _finite.times_pow2(x_hat, e))
       skip = ~(o & written)
       if layer.path in skipped:
         skipped[layer.path] = skipped[layer.path] + skip.astype(jnp.int32)
