@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cgfac_optax import _blocks, _clipping, _control, _damping, _finite, _tree
@@ -56,8 +57,14 @@ def _check_number(name: str, value: Any, ok, requirement: str) -> None:
 def _validate(damping, max_iters, tol, solver, curvature_batch_size, preconditioner):
   if not callable(damping):
     _check_number("damping", damping, lambda d: d > 0, "> 0")
-  if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
+  # An integer array is allowed: optax.inject_hyperparams turns every int option into one, and
+  # the CG loop takes a traced bound.
+  int_array = isinstance(max_iters, (jax.Array, np.ndarray)) and (
+    max_iters.ndim == 0 and jnp.issubdtype(max_iters.dtype, jnp.integer)
+  )
+  if isinstance(max_iters, bool) or not (isinstance(max_iters, int) or int_array):
     raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
+  _check_number("max_iters", max_iters, lambda m: m >= 1, "an int >= 1")
   _check_number("tol", tol, lambda t: t >= 0, ">= 0")
   if solver not in _blocks.SOLVERS:
     raise ValueError(f"solver must be one of {sorted(_blocks.SOLVERS)}, got {solver!r}")
