@@ -35,15 +35,15 @@ class StepControlState(NamedTuple):
   skipped: dict[str, jax.Array]  # shape=() each, dtype=int32
 
 
-def _positive_number(value) -> bool:
+def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def validate(damping, learning_rate, kl_clip) -> None:
   """Checks the step-control options of :func:`scale_by_cgfac` (Python values only)."""
-  if kl_clip is not None and _positive_number(kl_clip) and not kl_clip > 0:
+  if kl_clip is not None and _is_number(kl_clip) and not kl_clip > 0:
     raise ValueError(f"kl_clip must be None or > 0, got {kl_clip!r}")
-  if learning_rate is not None and _positive_number(learning_rate) and not learning_rate > 0:
+  if learning_rate is not None and _is_number(learning_rate) and not learning_rate > 0:
     raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
   needs = "kl_clip" if kl_clip is not None else None
   if isinstance(damping, AdaptiveDamping):
