@@ -388,15 +388,25 @@ def _auto_axes_on_explicit_mesh(update_fn):
   mesh with Explicit axes (``jax.make_mesh``'s default) asks for an output sharding at each
   such contraction. With the axes in Auto mode the partitioner places the collectives, and
   the update and the new state come back in the layout of the gradients and the old state.
-  Without a mesh, or with Auto axes only, ``update_fn`` runs as it is.
+  Without a mesh, or with Auto axes only, ``update_fn`` runs as it is. ``value_fn`` (a
+  function of params-like arrays, which may close over the caller's explicitly sharded batch)
+  runs back in Explicit mode, its argument laid out like ``params``.
   """
 
-  def wrapped(updates, state, params=None, *, layer_stats=None, **extra_args):
+  def wrapped(updates, state, params=None, **kwargs):
     if not getattr(jax.sharding.get_abstract_mesh(), "explicit_axes", ()):
-      return update_fn(updates, state, params, layer_stats=layer_stats, **extra_args)
-    out_sharding = jax.tree.map(lambda x: jax.typeof(x).sharding, (updates, state))
-    solve = lambda u, s, stats: update_fn(u, s, None, layer_stats=stats)
-    return jax.sharding.auto_axes(solve, out_sharding=out_sharding)(updates, state, layer_stats)
+      return update_fn(updates, state, params, **kwargs)
+    # Specs, read against the context mesh (arrays placed without one read as replicated).
+    sharding_of = lambda tree: jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
+    out_sharding = sharding_of((updates, state))
+    fns = {
+      k: jax.sharding.explicit_axes(v, in_sharding=(sharding_of(params),))
+      for k, v in kwargs.items()
+      if callable(v)
+    }
+    arrays = {k: v for k, v in kwargs.items() if k not in fns}
+    solve = lambda u, s, p, arrays: update_fn(u, s, p, **arrays, **fns)
+    return jax.sharding.auto_axes(solve, out_sharding=out_sharding)(updates, state, params, arrays)
 
   return wrapped
 

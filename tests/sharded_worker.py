@@ -204,6 +204,45 @@ def check_collectives(solvers) -> dict:
   return out
 
 
+def check_adaptive() -> dict:
+  """Adaptive damping (``value_fn`` closes over the batch) on an Explicit mesh vs one device."""
+  import jax
+  import numpy as np
+  import optax
+  from data_parallel import sharded_step
+
+  import cgfac_optax as cgfac
+
+  params0, value_grad_and_stats, batches = _test_problem("mlp")
+  damping = cgfac.AdaptiveDamping(initial=0.1)
+  tx = cgfac.cgfac(learning_rate=0.1, damping=damping, max_iters=5)
+
+  def step(params, opt_state, x, y):
+    loss, grads, stats = value_grad_and_stats(params, x, y)
+    value_fn = lambda p: value_grad_and_stats(p, x, y)[0]
+    updates, opt_state = tx.update(
+      grads, opt_state, params, layer_stats=stats, value=loss, value_fn=value_fn
+    )
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  state0 = jax.tree.map(np.asarray, jax.jit(tx.init)(params0))
+  single, params, state = jax.jit(step), params0, state0
+  for x, y in batches:
+    params, state, _ = single(params, state, x, y)
+  mesh = jax.sharding.Mesh(
+    np.array(jax.devices()), ("data",), axis_types=(jax.sharding.AxisType.Explicit,)
+  )
+  with jax.set_mesh(mesh):
+    jitted, (p_sh, s_sh, b_sh) = sharded_step(step, mesh, "dp", params0, state0)
+    sharded = jax.device_put((params0, state0), (p_sh, s_sh))
+    for x, y in batches:
+      sharded = jitted(*sharded[:2], *jax.device_put((x, y), (b_sh, b_sh)))
+  return {
+    "params_rel_diff": _max_rel_diff(sharded[0], params),
+    "control_rel_diff": _max_rel_diff(sharded[1][0].control, state[0].control),
+  }
+
+
 def main(argv) -> None:
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import cgfac_optax
@@ -213,6 +252,8 @@ def main(argv) -> None:
   if what == "updates":
     models = argv[3].split(",") if len(argv) > 3 else ["mlp"]
     result = check_updates(solvers, models)
+  elif what == "adaptive":
+    result = check_adaptive()
   elif what == "collectives":
     result = check_collectives(solvers)
   else:

@@ -141,6 +141,12 @@ def test_collectives_of_the_demo_step_match_the_documented_counts():
   assert not scalar_all_reduces(result["cg/dp"])
 
 
+def test_adaptive_damping_on_an_explicit_mesh_matches_one_device():
+  # value_fn closes over the explicitly sharded batch and is called inside the solve.
+  result = run_worker("adaptive")
+  assert result["params_rel_diff"] <= 1e-5 and result["control_rel_diff"] <= 1e-5, result
+
+
 def _doc_section() -> str:
   """The scaling section, from its own file or, once merged, from README.md."""
   for name in ("docs_scaling_section.md", "README.md"):
