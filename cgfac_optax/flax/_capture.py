@@ -81,6 +81,13 @@ def apply_rule(fn: Callable, module: Any, x: jax.Array, path: tuple) -> jax.Arra
     raise ValueError(f"layer {path_name(path)!r} ({type(module).__name__}): {e}") from e
 
 
+def _class_name(cls: type) -> str:
+  for prefix, short in (("flax.linen.", "nn."), ("flax.nnx.", "nnx.")):
+    if cls.__module__.startswith(prefix):
+      return short + cls.__qualname__
+  return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _example_factor(weights, examples: int, dtype, empirical: bool):
   """Per-example factor that turns a vjp's output gradients into stats.
 
@@ -177,7 +184,7 @@ def run(
   _losses.check_targets(kind, loss, outputs_shape, targets)
   examples = outputs_shape.shape[0]
   if not shapes.uses:
-    names = sorted({cls.__module__.split(".")[0] + "." + cls.__qualname__ for cls in RULES})
+    names = sorted(_class_name(cls) for cls in RULES)
     raise ValueError(
       "the model calls no layer whose curvature can be captured; supported layer classes "
       f"(and subclasses): {names}"

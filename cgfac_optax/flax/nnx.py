@@ -22,6 +22,7 @@ from cgfac_optax.flax import _capture, _losses
 from cgfac_optax.flax._rules import find_rule
 
 _ACTIVE: list[_Capture] = []
+_PATH_ATTRIBUTE = "_cgfac_path"
 
 
 class _Capture:
@@ -38,10 +39,12 @@ class _Capture:
 def _wrap(call):
   def __call__(self, inputs, *args, **kwargs):
     capture = _ACTIVE[-1] if _ACTIVE else None
-    path = capture.paths.get(id(self)) if capture is not None else None
-    if path is None:
+    path = getattr(self, _PATH_ATTRIBUTE, None)
+    if capture is None or path is None:  # not a layer of the model being captured
       return call(self, inputs, *args, **kwargs)
-    if tracers.current_jax_trace() != capture.trace:
+    # A copy of the layer (made by an NNX transformation) or a different trace:
+    # the layer runs inside a transformation and its rows cannot leave it.
+    if capture.paths.get(id(self)) != path or tracers.current_jax_trace() != capture.trace:
       raise ValueError(
         f"layer {_capture.path_name(path)!r} ({type(self).__name__}) is called inside a "
         "JAX/NNX transformation within the model (nnx.scan, nnx.vmap, nnx.remat, "
@@ -137,8 +140,16 @@ def nnx_value_grad_and_stats(
   classes = {type(m) for _, m in nnx.iter_modules(model) if find_rule(m) is not None}
 
   def forward(p, perturbations, recorder):
-    module = nnx.merge(graphdef, p, rest)
-    paths = {id(m): path for path, m in nnx.iter_modules(module) if find_rule(m) is not None}
+    # Fresh Variables for the non-parameter state, owned by this trace, so the
+    # forward pass may update them (batch statistics, RNG counts).
+    module = nnx.merge(graphdef, p, jax.tree.map(lambda v: v, rest))
+    paths = {}
+    for path, m in nnx.iter_modules(module):
+      if find_rule(m) is not None:
+        paths[id(m)] = path
+        # A static attribute: it survives the split/merge of NNX transformations,
+        # so a copy of the layer called inside one can be named in the error.
+        setattr(m, _PATH_ATTRIBUTE, path)
     capture = _Capture(paths, recorder, perturbations)
     with _wrapped_calls(classes, capture):
       outputs = module(inputs)
