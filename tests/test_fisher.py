@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -154,3 +155,28 @@ def test_nnx_and_linen_give_the_same_sampled_stats(x64):
   for name in ("hidden", "head"):
     np.testing.assert_allclose(stats_l[name].inputs, stats_n[name].inputs, atol=1e-12)
     np.testing.assert_allclose(stats_l[name].output_grads, stats_n[name].output_grads, atol=1e-12)
+
+
+def test_compiled_cost_is_one_forward_and_one_or_two_backward_passes():
+  """Empirical: the FLOPs of ``jax.value_and_grad``; sampled: plus a backward pass through the
+  activations only (its parameter gradients are unused, so XLA drops them)."""
+  model = nn.Sequential([nn.Dense(256), nn.tanh, nn.Dense(256), nn.tanh, nn.Dense(10)])
+  x, y = jnp.ones((128, 256)), jnp.zeros(128, jnp.int32)
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def flops(f, *args):
+    cost = jax.jit(f).lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  def mean_loss(p):
+    logits = model.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  reference = flops(jax.value_and_grad(mean_loss), params)
+  key = jax.random.key(1)
+  empirical = flops(cflax.value_grad_and_stats(model, fisher="empirical"), params, x, y, key)
+  sampled = flops(cflax.value_grad_and_stats(model, fisher="sampled"), params, x, y, key)
+  # One backward pass through the activations of the two upper layers: 2 * B * 256 * (256 + 10).
+  activations_backward = 2 * 128 * 256 * (256 + 10)
+  assert abs(empirical - reference) < 0.01 * reference
+  assert abs(sampled - empirical - activations_backward) < 0.1 * activations_backward

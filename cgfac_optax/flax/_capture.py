@@ -4,7 +4,8 @@ A framework front end (Linen, NNX) supplies ``forward(params, perturbations,
 recorder) -> (outputs, inputs, aux)``: it runs the model, and for every call of
 a captured layer it records the layer inputs ``a`` under the call's key in
 ``inputs``, tells the :class:`Recorder` about the call, and adds
-``perturbations[key]`` (zeros) to the call's output. The gradient with respect
+``perturbations[key]`` (zeros) to the call's output (``recorder.planned[key]``
+says which layer and call a key belongs to). The gradient with respect
 to a zero perturbation is the gradient with respect to that output, so one
 ``jax.vjp`` gives the parameter gradients and every layer's output gradient.
 
