@@ -24,12 +24,6 @@ F64 = jnp.float64
 SAMPLES = 4000
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 class MLP(nn.Module):
   out: int
 

@@ -14,12 +14,6 @@ from cgfac_optax import flax as cflax
 F64 = jnp.float64
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 # Independent per-example losses (the documented definitions), written with optax.
 def per_example_loss(kind, out, t):
   if kind == "softmax_cross_entropy":

@@ -14,12 +14,6 @@ F64 = jnp.float64
 ORIGINAL_CALL = nnx.Linear.__call__
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def ce(out, t):
   per = optax.softmax_cross_entropy_with_integer_labels(out, t)
   return per.reshape(per.shape[0], -1).mean(1)
