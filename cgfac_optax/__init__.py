@@ -3,6 +3,8 @@
 from cgfac_optax._alias import cgfac
 from cgfac_optax._blocks import DenseStats
 from cgfac_optax._cg import CGResult, batched_cg
+from cgfac_optax._conv import conv_output_rows, conv_patches, conv_stats
+from cgfac_optax._plan import LayerPlan, Plan, plan
 from cgfac_optax._transform import ScaleByCGFACState, scale_by_cgfac
 
 __version__ = "0.1.0"
@@ -10,8 +12,14 @@ __version__ = "0.1.0"
 __all__ = [
   "CGResult",
   "DenseStats",
+  "LayerPlan",
+  "Plan",
   "ScaleByCGFACState",
   "batched_cg",
   "cgfac",
+  "conv_output_rows",
+  "conv_patches",
+  "conv_stats",
+  "plan",
   "scale_by_cgfac",
 ]

@@ -106,7 +106,9 @@ def conv_patches(
   kernel_shape = tuple(int(k) for k in kernel_shape)
   n = inputs.ndim - 2
   if len(kernel_shape) != n + 2:
-    raise ValueError(f"kernel_shape {kernel_shape} must have rank {n + 2} for inputs {inputs.shape}")
+    raise ValueError(
+      f"kernel_shape {kernel_shape} must have rank {n + 2} for inputs {inputs.shape}"
+    )
   specs = _dimension_numbers(inputs.ndim, dimension_numbers)
   dn = lax.conv_dimension_numbers(inputs.shape, kernel_shape, specs)
   out_dim, in_dim = dn.rhs_spec[0], dn.rhs_spec[1]

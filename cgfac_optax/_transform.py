@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from cgfac_optax import _blocks, _tree
+from cgfac_optax import _blocks, _fallback, _plan, _tree
 from cgfac_optax._blocks import DenseStats
 from cgfac_optax._cg import batched_cg
 
@@ -26,12 +27,16 @@ class ScaleByCGFACState(NamedTuple):
       direct solvers and for layers without stats).
     residual: relative residual ``||b - F x|| / ||b||`` of the last CG solve,
       per layer path (0 for the direct solvers, exact up to rounding).
+    fallback_moment: for ``fallback="diagonal"``, the EMA of squared gradients
+      of the parameters without stats (zeros elsewhere), like params; ``None``
+      for the other fallbacks.
   """
 
   count: jax.Array  # shape=(), dtype=int32
   solution: optax.Updates  # like params
   iterations: dict[str, jax.Array]  # shape=() each, dtype=int32
   residual: dict[str, jax.Array]  # shape=() each, dtype=float32
+  fallback_moment: optax.Updates | None = None  # like params
 
 
 class _Layer(NamedTuple):
@@ -53,8 +58,7 @@ def _validate(damping, max_iters, tol, solver, curvature_batch_size, preconditio
   if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
     raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
   _check_number("tol", tol, lambda t: t >= 0, ">= 0")
-  if solver not in _blocks.SOLVERS:
-    raise ValueError(f"solver must be one of {sorted(_blocks.SOLVERS)}, got {solver!r}")
+  _plan.validate_solver(solver)
   if curvature_batch_size is not None and (
     not isinstance(curvature_batch_size, int) or curvature_batch_size < 1
   ):
@@ -132,10 +136,12 @@ def scale_by_cgfac(
   *,
   max_iters: int = 10,
   tol: float = 1e-3,
-  solver: str = "cg",
+  solver: str | Mapping[str, str] = "cg",
   warm_start: bool = True,
   curvature_batch_size: int | None = None,
   preconditioner: str | None = None,
+  fallback: str = "diagonal",
+  fallback_decay: float = 0.95,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients by the damped K-FAC Fisher, solved with CG.
 
@@ -153,8 +159,8 @@ def scale_by_cgfac(
   layers are solved in one ``lax.while_loop``. The update has the sign of the
   gradient; chain a negative learning rate after it (:func:`cgfac` does).
 
-  Parameters whose layer has no entry in ``layer_stats`` pass through
-  unchanged.
+  Parameters that are not the ``kernel`` or ``bias`` of a layer with stats
+  (LayerNorm scales, embeddings, ...) get the ``fallback`` update.
 
   Args:
     damping: ``gamma > 0``, a float or an ``optax.Schedule`` of the step count.
@@ -163,11 +169,19 @@ def scale_by_cgfac(
     solver: ``"cg"`` (matrix-free CG, the paper), ``"cg_materialized"`` (CG
       with ``A`` and ``G`` formed once per step), ``"eigh"`` (exact: standard
       K-FAC with eigendecomposed factors) or ``"lowrank"`` (exact: thin
-      eigendecomposition from the ``rows x rows`` Gram matrices).
+      eigendecomposition from the ``rows x rows`` Gram matrices); or
+      ``"auto"``: per layer, the cheapest of these by the cost model of
+      :func:`cgfac_optax.plan` (which shows the choice); or a dict
+      ``{layer path: solver}`` (layers not in it use ``"auto"``).
     warm_start: start CG from the previous solution (else from zero).
     curvature_batch_size: use only the first this-many examples of the stats
       for the curvature (the gradient always uses the full batch).
     preconditioner: ``None`` or ``"jacobi"`` (``diag(A (x) G) + gamma``).
+    fallback: the update of parameters without stats: ``"diagonal"`` (damped
+      diagonal empirical Fisher, an EMA of ``grad^2`` kept in the state),
+      ``"identity"`` (the gradient unchanged) or ``"error"`` (raise, listing
+      them); see :mod:`cgfac_optax._fallback`.
+    fallback_decay: EMA decay of the ``"diagonal"`` fallback's second moment.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -199,7 +213,7 @@ def scale_by_cgfac(
     Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
   """
   _validate(damping, max_iters, tol, solver, curvature_batch_size, preconditioner)
-  method = _blocks.SOLVERS[solver]
+  _fallback.validate(fallback, fallback_decay)
 
   def init_fn(params):
     paths = _tree.layer_paths(params)
@@ -208,6 +222,7 @@ def scale_by_cgfac(
       solution=optax.tree.zeros_like(params),
       iterations={p: jnp.zeros([], jnp.int32) for p in paths},
       residual={p: jnp.zeros([], jnp.float32) for p in paths},
+      fallback_moment=_fallback.init(params, fallback),
     )
 
   def update_fn(updates, state, params=None, *, layer_stats=None, **extra_args):
@@ -225,6 +240,7 @@ def scale_by_cgfac(
     grads = [leaf for _, leaf in flat]
     sol_leaves = treedef.flatten_up_to(state.solution)
     layers = _match_layers(paths, grads, layer_stats)
+    _check_solver_paths(solver, paths)
     gamma = damping(state.count) if callable(damping) else damping
 
     out = list(grads)
@@ -239,9 +255,11 @@ def scale_by_cgfac(
         layer.stats, layer.bias is not None, curvature_batch_size, dtype
       )
       gam = jnp.asarray(gamma, dtype)
+      name = _plan.layer_solver(solver, layer.path, *a.shape, g.shape[1], dtype, max_iters)
+      method = _blocks.SOLVERS[name]
       data = method.prepare(a, g, sa, sg)
       if method.iterative:
-        ops.append(lambda v, data=data, gam=gam: method.apply(data, v) + gam * v)
+        ops.append(lambda v, data=data, gam=gam, f=method.apply: f(data, v) + gam * v)
         if preconditioner == "jacobi":
           diag = _blocks.jacobi_diagonal(a, g, sa, sg) + gam
           precs.append(lambda r, diag=diag: r / diag)
@@ -263,15 +281,33 @@ def scale_by_cgfac(
           iterations[layer.path] = result.iterations[i]
           residual[layer.path] = result.residual[i].astype(jnp.float32)
 
+    covered = {i for layer in layers for i in (layer.kernel, layer.bias) if i is not None}
+    moments = None
+    if state.fallback_moment is not None:
+      moments = treedef.flatten_up_to(state.fallback_moment)
+    _fallback.apply(
+      fallback, paths, grads, out, covered, moments, gamma, state.count, fallback_decay
+    )
+
     new_state = ScaleByCGFACState(
       count=optax.safe_increment(state.count),
       solution=treedef.unflatten(new_sol),
       iterations=iterations,
       residual=residual,
+      fallback_moment=None if moments is None else treedef.unflatten(moments),
     )
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_solver_paths(solver, paths: list[str]) -> None:
+  if not isinstance(solver, Mapping):
+    return
+  layers = {p.rpartition("/")[0] for p in paths if p.rpartition("/")[2] == "kernel"}
+  unknown = sorted(set(solver) - layers)
+  if unknown:
+    raise ValueError(f"solver names layers the gradients do not have: {unknown}")
 
 
 def _finish(out, new_sol, grads, layer: _Layer, x: jax.Array) -> None:
