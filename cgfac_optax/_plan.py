@@ -29,7 +29,9 @@ throughput on every backend, so the model flatters ``"eigh"`` and
 cost is about one matrix-free product), many rows and narrow layers (conv
 patches, tokens) to ``"cg_materialized"`` or ``"eigh"``, and wide layers whose
 factors do not fit in memory, with many rows (a vocabulary projection over all
-tokens), to the matrix-free ``"cg"``.
+tokens), to the matrix-free ``"cg"``. The matrix-free product's
+``rows x rows`` middle matrix counts against the limit too, so very many rows
+send even a lopsided layer to ``"cg_materialized"``.
 """
 
 from __future__ import annotations

@@ -191,9 +191,8 @@ def test_conv_solves_equal_explicit_kronecker(config, solver):
   b = np.concatenate([np.reshape(grads["kernel"], (-1, d_g)), grads["bias"][None]], 0)
   ref = np.linalg.solve(fisher + damping * np.eye(d_a * d_g), b.ravel()).reshape(d_a, d_g)
   tx = cgfac.scale_by_cgfac(damping, solver=solver, max_iters=500, tol=1e-12, warm_start=False)
-  updates, _ = tx.update(
-    {"conv": grads}, tx.init({"conv": params}), layer_stats={"conv": stats}
-  )
+  update = jax.jit(lambda g, s, st: tx.update(g, s, layer_stats=st))
+  updates, _ = update({"conv": grads}, tx.init({"conv": params}), {"conv": stats})
   np.testing.assert_allclose(updates["conv"]["kernel"].reshape(-1, d_g), ref[:-1], rtol=1e-7)
   np.testing.assert_allclose(updates["conv"]["bias"], ref[-1], rtol=1e-7)
 
@@ -220,8 +219,9 @@ def test_1x1_conv_equals_dense_per_position():
   dense_g = {"l": {"kernel": grad_k, "bias": g.sum((1, 2)).mean(0)}}
   for solver in (*SOLVERS, "auto"):
     tx = cgfac.scale_by_cgfac(0.05, solver=solver, max_iters=3, tol=0.0)
-    uc, sc = tx.update(conv_g, tx.init(conv_p), layer_stats={"l": conv_st})
-    ud, sd = tx.update(dense_g, tx.init(dense_p), layer_stats={"l": dense_st})
+    update = jax.jit(lambda g, s, st, tx=tx: tx.update(g, s, layer_stats=st))
+    uc, sc = update(conv_g, tx.init(conv_p), {"l": conv_st})
+    ud, sd = update(dense_g, tx.init(dense_p), {"l": dense_st})
     np.testing.assert_allclose(uc["l"]["kernel"][0, 0], ud["l"]["kernel"], rtol=1e-12)
     np.testing.assert_allclose(uc["l"]["bias"], ud["l"]["bias"], rtol=1e-12)
     assert sc.iterations == sd.iterations
