@@ -1,4 +1,4 @@
-"""Conv blocks: patch rows, per-example gradients, products and solves against explicit references."""
+"""Conv blocks: patch rows, per-example gradients, products and solves vs explicit references."""
 
 import jax
 import jax.numpy as jnp
