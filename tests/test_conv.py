@@ -248,3 +248,21 @@ def test_channel_and_position_mismatches_name_the_shapes():
     )
   with pytest.raises(ValueError, match="must have rank 4"):
     cgfac.conv_patches(jnp.ones((1, 4, 4, 3)), (3, 3, 4))
+
+
+def test_conv_jacobi_preconditioned_cg_and_curvature_subsample():
+  """Jacobi-preconditioned CG on a conv block, curvature from the first 2 of 3 examples."""
+  config = "stride2-valid"
+  x, g, params, grads, stats = _conv_stats_and_grads(config)
+  fisher, d_a, d_g = _explicit_fisher(config, x[:2], g[:2], params["kernel"].shape[:2])
+  damping = 0.1
+  b = np.concatenate([np.reshape(grads["kernel"], (-1, d_g)), grads["bias"][None]], 0)
+  ref = np.linalg.solve(fisher + damping * np.eye(d_a * d_g), b.ravel()).reshape(d_a, d_g)
+  tx = cgfac.scale_by_cgfac(
+    damping, preconditioner="jacobi", curvature_batch_size=2, max_iters=500, tol=1e-12
+  )
+  update = jax.jit(lambda g, s, st: tx.update(g, s, layer_stats=st))
+  updates, state = update({"conv": grads}, tx.init({"conv": params}), {"conv": stats})
+  np.testing.assert_allclose(updates["conv"]["kernel"].reshape(-1, d_g), ref[:-1], rtol=1e-7)
+  np.testing.assert_allclose(updates["conv"]["bias"], ref[-1], rtol=1e-7)
+  assert 0 < int(state.iterations["conv"]) < 500
