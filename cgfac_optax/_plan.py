@@ -243,11 +243,7 @@ def layer_solver(
   name = solver.get(path, "auto") if isinstance(solver, Mapping) else solver
   if name != "auto":
     return name
-  return plan_layer(
-    path,
-    rows,
-    d_a,
-    d_g,
-    itemsize=jnp.dtype(dtype).itemsize,
-    cg_iters=min(max_iters, DEFAULT_CG_ITERS),
-  ).solver
+  # max_iters may be an array (optax.inject_hyperparams): the plan needs a static count.
+  iters = min(max_iters, DEFAULT_CG_ITERS) if isinstance(max_iters, int) else DEFAULT_CG_ITERS
+  itemsize = jnp.dtype(dtype).itemsize
+  return plan_layer(path, rows, d_a, d_g, itemsize=itemsize, cg_iters=iters).solver
