@@ -40,10 +40,11 @@ import optax
 FALLBACKS = ("diagonal", "identity", "error")
 
 
-def validate(fallback: str, decay: float) -> None:
+def validate(fallback: str, decay) -> None:
   if fallback not in FALLBACKS:
     raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-  if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 <= decay < 1:
+  # An array decay (optax.inject_hyperparams) is the user's to check.
+  if isinstance(decay, bool) or (isinstance(decay, (int, float)) and not 0 <= decay < 1):
     raise ValueError(f"fallback_decay must be a float in [0, 1), got {decay!r}")
 
 
@@ -80,12 +81,12 @@ def apply(
   if fallback == "identity":
     return
   t = optax.safe_increment(count)
-  correction = 1 - jnp.asarray(decay, jnp.float32) ** t.astype(jnp.float32)
   for i in missing:
     g = grads[i]
     dtype = jnp.promote_types(g.dtype, jnp.float32)
-    g32 = g.astype(dtype)
-    v = decay * moments[i].astype(dtype) + (1 - decay) * g32 * g32
-    u = g32 / (v / correction.astype(dtype) + jnp.asarray(gamma, dtype))
+    g32, beta = g.astype(dtype), jnp.asarray(decay, dtype)
+    v = beta * moments[i].astype(dtype) + (1 - beta) * g32 * g32
+    correction = 1 - beta ** t.astype(dtype)
+    u = g32 / (v / correction + jnp.asarray(gamma, dtype))
     out[i] = u.astype(g.dtype)
     moments[i] = v.astype(moments[i].dtype)

@@ -229,10 +229,11 @@ def validate_solver(solver: Any) -> None:
   if isinstance(solver, Mapping):
     bad = {p: s for p, s in solver.items() if s not in allowed}
     if bad:
-      raise ValueError(f"solver values must be one of {allowed}, got {bad!r}")
-  elif solver not in allowed:
+      raise ValueError(f"solver values must be 'auto' or one of {list(SOLVER_NAMES)}, got {bad!r}")
+  elif not isinstance(solver, str) or solver not in allowed:
     raise ValueError(
-      f"solver must be one of {allowed} or a dict of them by layer path, got {solver!r}"
+      f"solver must be 'auto', one of {list(SOLVER_NAMES)}, or a dict of them by layer path, "
+      f"got {solver!r}"
     )
 
 

@@ -22,10 +22,7 @@ from cgfac_optax import _blocks
 B, T, D_IN, K = 4, 3, 2, 3
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")  # tests/conftest.py
 
 
 def _model(params, x):
