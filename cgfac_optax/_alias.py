@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import optax
 
@@ -16,10 +18,12 @@ def cgfac(
   nesterov: bool = False,
   max_iters: int = 10,
   tol: float = 1e-3,
-  solver: str = "cg",
+  solver: str | Mapping[str, str] = "cg",
   warm_start: bool = True,
   curvature_batch_size: int | None = None,
   preconditioner: str | None = None,
+  fallback: str = "diagonal",
+  fallback_decay: float | jax.Array = 0.95,
 ) -> optax.GradientTransformationExtraArgs:
   """CG-FAC: K-FAC natural-gradient steps solved by conjugate gradient.
 
@@ -38,6 +42,8 @@ def cgfac(
     warm_start: see :func:`scale_by_cgfac`.
     curvature_batch_size: see :func:`scale_by_cgfac`.
     preconditioner: see :func:`scale_by_cgfac`.
+    fallback: see :func:`scale_by_cgfac`.
+    fallback_decay: see :func:`scale_by_cgfac`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
@@ -58,6 +64,8 @@ def cgfac(
       warm_start=warm_start,
       curvature_batch_size=curvature_batch_size,
       preconditioner=preconditioner,
+      fallback=fallback,
+      fallback_decay=fallback_decay,
     )
   ]
   no_momentum = momentum is None or (isinstance(momentum, (int, float)) and momentum == 0)
