@@ -23,6 +23,8 @@ were left out) gets the update of the ``fallback`` option:
   have), so it is lower than the per-example Fisher and the damping bounds the
   step: ``|u| <= |g| / gamma`` and ``|u| <= 1 / (2 sqrt(gamma (1 - beta)))``
   (at ``t = 1``, ``|u| <= 1 / (2 sqrt(gamma))``).
+  A gradient with a NaN or an infinity gives a non-finite update (for
+  ``optax.apply_if_finite`` to catch) and leaves the moment as it was.
 - ``"identity"``: the gradient passes through unchanged (plain SGD with the
   chain's momentum and learning rate).
 - ``"error"``: raise at ``update``, listing every uncovered parameter path.
@@ -89,4 +91,6 @@ def apply(
     correction = 1 - beta ** t.astype(dtype)
     u = g32 / (v / correction + jnp.asarray(gamma, dtype))
     out[i] = u.astype(g.dtype)
-    moments[i] = v.astype(moments[i].dtype)
+    # A non-finite gradient never reaches the state: the moment keeps its last value (the
+    # update is non-finite, for optax.apply_if_finite to catch).
+    moments[i] = jnp.where(jnp.all(jnp.isfinite(v)), v, moments[i]).astype(moments[i].dtype)
