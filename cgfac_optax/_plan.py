@@ -12,8 +12,9 @@ symmetric eigendecomposition with vectors, Golub & Van Loan's count), and their 
   ``d_A^2 + d_G^2`` elements;
 - ``"eigh"`` (exact): ``2B(d_A^2+d_G^2) + E(d_A) + E(d_G) + 4n(d_A+d_G)`` flops,
   ``2(d_A^2 + d_G^2)`` elements;
-- ``"lowrank"`` (exact): ``4Bn + 6B^2(d_A+d_G) + 2E(B)`` flops,
-  ``B(d_A+d_G) + 2B^2`` elements.
+- ``"lowrank"`` (exact): ``10Bn + 2B^2(5 d_A + 4 d_G) + 2E(B)`` flops,
+  ``B(d_A+d_G) + 2B^2`` elements (the solve also projects the remainder on the
+  bases' span, for accuracy at tiny damping).
 
 CG does ``m + 1`` products: one for the warm start's residual, one per
 iteration. ``m`` is an assumption about the warm start, not a measurement
@@ -26,7 +27,7 @@ memory fits ``memory_limit`` bytes (the one with the least memory if none
 fits). Flops are a proxy: an eigendecomposition runs well below matmul
 throughput on every backend, so the model flatters ``"eigh"`` and
 ``"lowrank"``. In practice: few rows and wide layers go to ``"lowrank"`` (its
-cost is about one matrix-free product), many rows and narrow layers (conv
+cost is about two and a half matrix-free products), many rows and narrow layers (conv
 patches, tokens) to ``"cg_materialized"`` or ``"eigh"``, and wide layers whose
 factors do not fit in memory, with many rows (a vocabulary projection over all
 tokens), to the matrix-free ``"cg"``. The matrix-free product's
@@ -64,7 +65,7 @@ def solver_flops(rows: int, d_a: int, d_g: int, cg_iters: int) -> dict[str, floa
     "cg": products * (4 * b * n + 4 * b * b * min(d_a, d_g)),
     "cg_materialized": form + products * 2 * n * (d_a + d_g),
     "eigh": form + eig(d_a) + eig(d_g) + 4 * n * (d_a + d_g),
-    "lowrank": 4 * b * n + 6 * b * b * (d_a + d_g) + 2 * eig(rows),
+    "lowrank": 10 * b * n + 2 * b * b * (5 * d_a + 4 * d_g) + 2 * eig(rows),
   }
 
 
