@@ -123,6 +123,7 @@ def main(argv=None):
   print("versions:", versions)
   print(f"batch {args.batch}; plan (solver='auto'):\n{plan}")
 
+  load_before = os.getloadavg()
   carries = {}
   for name, (step, carry) in steps.items():
     carries[name] = run(step, carry, args.warmup)  # compile, then settle
@@ -135,6 +136,8 @@ def main(argv=None):
       carries[name] = run(step, carries[name], args.steps)
       times[name].append((time.perf_counter() - start) / args.steps)
 
+  load = {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()}
+  print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
   median = {name: statistics.median(t) for name, t in times.items()}
   ratios = {name: median[name] / median["adam"] for name in names if name != "adam"}
   for name in names:
@@ -154,6 +157,7 @@ def main(argv=None):
     "seconds_per_step": times,
     "median_seconds_per_step": median,
     "ratio_to_adam": ratios,
+    "load_average": load,
     "note": "CPU timings may include other processes' load; compare ratios from one run only.",
   }
   args.out.parent.mkdir(parents=True, exist_ok=True)
