@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cgfac_optax import _blocks, _tree
@@ -50,8 +51,14 @@ def _check_number(name: str, value: Any, ok, requirement: str) -> None:
 def _validate(damping, max_iters, tol, solver, curvature_batch_size, preconditioner):
   if not callable(damping):
     _check_number("damping", damping, lambda d: d > 0, "> 0")
-  if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
+  # An integer array is allowed: optax.inject_hyperparams turns every int option into one, and
+  # the CG loop takes a traced bound.
+  int_array = isinstance(max_iters, (jax.Array, np.ndarray)) and (
+    max_iters.ndim == 0 and jnp.issubdtype(max_iters.dtype, jnp.integer)
+  )
+  if isinstance(max_iters, bool) or not (isinstance(max_iters, int) or int_array):
     raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
+  _check_number("max_iters", max_iters, lambda m: m >= 1, "an int >= 1")
   _check_number("tol", tol, lambda t: t >= 0, ">= 0")
   if solver not in _blocks.SOLVERS:
     raise ValueError(f"solver must be one of {sorted(_blocks.SOLVERS)}, got {solver!r}")
@@ -258,7 +265,8 @@ def scale_by_cgfac(
     if iterative:
       result = batched_cg(ops, rhs, x0, max_iters=max_iters, tol=tol, preconditioners=precs)
       for i, layer in enumerate(iterative):
-        _finish(out, new_sol, grads, layer, result.x[i])
+        # A non-finite gradient or curvature leaves CG at its start with a NaN residual.
+        _finish(out, new_sol, grads, layer, result.x[i], jnp.isfinite(result.residual[i]))
         if layer.path in iterations:
           iterations[layer.path] = result.iterations[i]
           residual[layer.path] = result.residual[i].astype(jnp.float32)
@@ -274,8 +282,12 @@ def scale_by_cgfac(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _finish(out, new_sol, grads, layer: _Layer, x: jax.Array) -> None:
-  """Writes one layer's update and warm start; a non-finite solve never reaches the state."""
-  finite = jnp.all(jnp.isfinite(x))
+def _finish(out, new_sol, grads, layer: _Layer, x: jax.Array, ok=True) -> None:
+  """Writes one layer's update and warm start; a non-finite solve never reaches the state.
+
+  A failed solve (non-finite ``x``, or ``ok`` False) gives a NaN update, as the direct solvers
+  give for non-finite input, and a zero warm start.
+  """
+  finite = jnp.all(jnp.isfinite(x)) & ok
   _from_matrix(out, grads, layer, jnp.where(finite, x, jnp.nan))
   _from_matrix(new_sol, grads, layer, jnp.where(finite, x, 0))
