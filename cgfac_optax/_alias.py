@@ -5,15 +5,17 @@ from __future__ import annotations
 import jax
 import optax
 
+from cgfac_optax._damping import AdaptiveDamping
 from cgfac_optax._transform import scale_by_cgfac
 
 
 def cgfac(
   learning_rate: float | jax.Array | optax.Schedule,
-  damping: float | jax.Array | optax.Schedule = 1e-3,
+  damping: float | jax.Array | optax.Schedule | AdaptiveDamping = 1e-3,
   *,
   momentum: float | jax.Array | None = 0.9,
   nesterov: bool = False,
+  kl_clip: float | jax.Array | None = 1e-3,
   max_iters: int = 10,
   tol: float = 1e-3,
   solver: str = "cg",
@@ -23,15 +25,22 @@ def cgfac(
 ) -> optax.GradientTransformationExtraArgs:
   """CG-FAC: K-FAC natural-gradient steps solved by conjugate gradient.
 
-  The same as ``optax.chain(scale_by_cgfac(damping, ...), optax.trace(momentum),
-  optax.scale_by_learning_rate(learning_rate))``.
+  The same as ``optax.chain(scale_by_cgfac(damping, learning_rate=learning_rate,
+  kl_clip=kl_clip, ...), optax.trace(momentum),
+  optax.scale_by_learning_rate(learning_rate))``: KL clipping is on by default
+  (kfac-pytorch's default bound), so a too-large learning rate shortens the
+  steps instead of diverging.
 
   Args:
     learning_rate: a float or an ``optax.Schedule``.
-    damping: Tikhonov damping ``gamma`` added to each layer's Fisher block.
+    damping: Tikhonov damping ``gamma`` added to each layer's Fisher block: a
+      float, a schedule, or :class:`AdaptiveDamping` (then ``update`` also
+      takes ``value=`` and ``value_fn=``, see :func:`scale_by_cgfac`).
     momentum: heavy-ball momentum on the preconditioned gradient; ``None`` or
       0 for none.
     nesterov: use Nesterov momentum.
+    kl_clip: bound ``kappa`` on ``learning_rate^2 <x, F x>`` of each
+      preconditioned step ``x`` (before momentum); ``None`` turns clipping off.
     max_iters: see :func:`scale_by_cgfac`.
     tol: see :func:`scale_by_cgfac`.
     solver: see :func:`scale_by_cgfac`.
@@ -52,6 +61,8 @@ def cgfac(
   parts = [
     scale_by_cgfac(
       damping,
+      learning_rate=learning_rate,
+      kl_clip=kl_clip,
       max_iters=max_iters,
       tol=tol,
       solver=solver,

@@ -142,12 +142,12 @@ def test_inject_hyperparams_static_curvature_batch_size():
 def test_inject_hyperparams_alias(momentum):
   params, grads, stats = _problem()
   tx = optax.inject_hyperparams(cgfac.cgfac)(
-    learning_rate=0.1, damping=1e-2, momentum=momentum, solver="lowrank"
+    learning_rate=0.1, damping=1e-2, momentum=momentum, solver="lowrank", kl_clip=None
   )
   update = jax.jit(tx.update)
   state = tx.init(params)
   got, state = update(grads, state, params, layer_stats=stats)
-  plain = cgfac.cgfac(0.1, 1e-2, momentum=momentum, solver="lowrank")
+  plain = cgfac.cgfac(0.1, 1e-2, momentum=momentum, solver="lowrank", kl_clip=None)
   want, _ = plain.update(grads, plain.init(params), params, layer_stats=stats)
   _close(got, want)
   # Learning rate and damping both injected: change them and compare to a fresh alias.
@@ -166,7 +166,9 @@ def test_alias_is_the_documented_chain():
   params, grads, stats = _problem()
   tx = cgfac.cgfac(0.1, 1e-2, momentum=0.5, solver="eigh", max_iters=4, tol=1e-4)
   ref = optax.chain(
-    cgfac.scale_by_cgfac(1e-2, solver="eigh", max_iters=4, tol=1e-4),
+    cgfac.scale_by_cgfac(
+      1e-2, solver="eigh", max_iters=4, tol=1e-4, learning_rate=0.1, kl_clip=1e-3
+    ),
     optax.trace(decay=0.5),
     optax.scale_by_learning_rate(0.1),
   )
@@ -263,7 +265,9 @@ def test_damping_schedule():
     _close(got, _damped(grads, params, stats, 0.5 * 0.1**step), rtol=1e-4)
   assert update._cache_size() == 1
   # An optax schedule works the same way, inside the alias.
-  tx = cgfac.cgfac(0.1, optax.exponential_decay(0.5, 1, 0.1), momentum=None, solver="lowrank")
+  tx = cgfac.cgfac(
+    0.1, optax.exponential_decay(0.5, 1, 0.1), momentum=None, solver="lowrank", kl_clip=None
+  )
   state = tx.init(params)
   for _ in range(2):
     got, state = tx.update(grads, state, params, layer_stats=stats)

@@ -105,7 +105,9 @@ def test_stats_reproduce_per_example_and_batch_gradients():
 def test_cgfac_trains_the_mlp():
   x, y = _digits()
   params = _init(jax.random.key(1))
-  tx = cgfac.cgfac(learning_rate=0.2, damping=1e-1, momentum=0.5, max_iters=10)
+  # Plain CG-FAC (no KL clipping): the default kl_clip=1e-3 also bounds these well-tuned steps
+  # and reaches 0.27 (8x below the start) instead of 0.065 in these 40 steps.
+  tx = cgfac.cgfac(learning_rate=0.2, damping=1e-1, momentum=0.5, max_iters=10, kl_clip=None)
   state = tx.init(params)
 
   @jax.jit
