@@ -9,6 +9,17 @@ from cgfac_optax._transform import ScaleByCGFACState, scale_by_cgfac
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+  # ``cgfac_optax.flax`` is imported on first use, so ``import cgfac_optax``
+  # stays light and ``cgfac.flax.value_grad_and_stats`` still works.
+  if name == "flax":
+    import importlib
+
+    return importlib.import_module("cgfac_optax.flax")
+  raise AttributeError(f"module 'cgfac_optax' has no attribute {name!r}")
+
+
 __all__ = [
   "AdaptiveDamping",
   "CGResult",

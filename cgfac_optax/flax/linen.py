@@ -1,0 +1,192 @@
+"""Linen: loss, gradients and CG-FAC layer stats of an unchanged ``nn.Module``.
+
+Every call of a captured layer (``nn.Dense``, ``nn.DenseGeneral``, and any
+class added with :func:`~cgfac_optax.flax.register_rule`) is intercepted with
+``nn.intercept_methods``: its input is sown into the ``"cgfac_inputs"``
+collection and a zero perturbation (``Module.perturb``, collection
+``"cgfac_perturbations"``) is added to its output, whose gradient is the
+output gradient. Going through Linen collections keeps this correct inside
+``nn.remat`` and ``nn.jit``; inside ``nn.scan`` and ``nn.vmap`` the capture
+raises an error naming the layer rather than return incomplete stats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import optax
+from flax import traverse_util
+from flax.training import train_state
+
+from cgfac_optax.flax import _capture, _losses
+from cgfac_optax.flax._rules import find_rule
+
+INPUTS = "cgfac_inputs"
+PERTURBATIONS = "cgfac_perturbations"
+
+
+def _interceptor(recorder: _capture.Recorder):
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    rule = find_rule(module) if context.method_name == "__call__" else None
+    if rule is None:
+      return next_fun(*args, **kwargs)
+    path = tuple(module.scope.path)
+    if not module.is_mutable_collection(INPUTS):
+      raise ValueError(
+        f"layer {_capture.path_name(path)!r} ({type(module).__name__}) is called inside a Flax "
+        f"lifted transformation (nn.scan, nn.vmap, ...) that does not pass the {INPUTS!r} "
+        "collection through, so its curvature stats cannot be captured; call the layer "
+        "outside the transformation (nn.remat and nn.jit are supported)"
+      )
+    x = args[0] if args else kwargs["inputs"]
+    a = _capture.apply_rule(rule.inputs, module, x, path)
+    y = next_fun(*args, **kwargs)
+    index = recorder.next_index(path)
+    module.sow(INPUTS, "inputs", a)
+    y = module.perturb(f"cgfac_out{index}", y, collection=PERTURBATIONS)
+    recorder.add(path, module, rule, a, y)
+    return y
+
+  return intercept
+
+
+def value_grad_and_stats(
+  model: nn.Module,
+  *,
+  loss: str = "softmax_cross_entropy",
+  fisher: str = "sampled",
+) -> Callable[..., tuple[jax.Array, Any, dict]]:
+  r"""Loss, gradients and CG-FAC ``layer_stats`` of a Linen model in one pass.
+
+  The returned function runs one forward pass and one backward pass
+  (``fisher="empirical"``), or one forward and two backward passes through the
+  same vjp (``fisher="sampled"``, the default, as in K-FAC: output gradients
+  from targets drawn from the model's predictive distribution). The model is
+  not changed: dense layers are found with ``nn.intercept_methods``.
+
+  The returned loss is the batch mean of the per-example losses (see below)
+  and ``grads`` its gradient with respect to ``params``. ``stats`` mirrors
+  ``params`` down to each captured layer's parameter dict, where it holds a
+  :class:`~cgfac_optax.DenseStats` whose ``output_grads`` are the gradients of
+  the *per-example* loss (``B`` times those of the mean). A layer called
+  several times contributes the positions of all its calls, side by side.
+
+  Per-example losses (the last output axis is the prediction; axes between the
+  first and the last are positions, averaged):
+
+  - ``"softmax_cross_entropy"``: integer labels of shape ``outputs.shape[:-1]``.
+  - ``"sigmoid_binary_cross_entropy"``: targets in ``[0, 1]``, summed over the
+    last axis.
+  - ``"squared_error"``: ``0.5 * sum_k (y_k - t_k)^2``, the unit Gaussian.
+
+  Weights: with ``weights=w`` (shape ``(examples,)``, ``>= 0``, positive sum)
+  the loss is ``sum_j w_j l_j / sum_j w_j`` and ``grads`` its gradient. A
+  0/1 mask drops the masked examples from the loss, the gradient and ``G``
+  (their output gradients are zero); ``G`` is the weighted mean
+  ``sum_j w_j g_j g_j^T / sum_j w_j`` because each example's stats output
+  gradient is ``sqrt(B w_j / sum w)`` times its own loss gradient. ``A`` still
+  averages the inputs of every example, masked ones included: where masked
+  examples are padding, their inputs enter ``A``.
+
+  Args:
+    model: the Linen module (unbound).
+    loss: ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or
+      ``"squared_error"``.
+    fisher: ``"sampled"`` (true Fisher, default) or ``"empirical"``.
+
+  Returns:
+    ``vgs(params, inputs, targets, rng=None, *, weights=None, **apply_kwargs)
+    -> (loss, grads, stats)``, jit-able. ``params`` is ``variables["params"]``;
+    ``apply_kwargs`` go to ``model.apply`` (e.g. ``rngs=``, ``train=``; not
+    ``mutable``). ``rng`` is required for ``fisher="sampled"``.
+
+  Raises:
+    ValueError: for an unknown loss or Fisher (at construction); for targets
+      of the wrong shape, a layer called inside ``nn.scan``/``nn.vmap``, or a
+      model without a captured layer (when called).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from cgfac_optax import flax as cflax
+    >>> model = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(3)])
+    >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> vgs = cflax.value_grad_and_stats(model, loss="softmax_cross_entropy")
+    >>> loss, grads, stats = jax.jit(vgs)(params, x, y, jax.random.key(1))
+    >>> stats["layers_2"].output_grads.shape
+    (4, 3)
+  """
+  _losses.get_loss(loss)
+  _losses.check_fisher(fisher)
+
+  def vgs(params, inputs, targets, rng=None, *, weights=None, **apply_kwargs):
+    if "mutable" in apply_kwargs:
+      raise ValueError(
+        "value_grad_and_stats does not support mutable collections (e.g. batch_stats); got "
+        f"mutable={apply_kwargs['mutable']!r}"
+      )
+
+    def forward(p, perturbations, recorder):
+      variables = {"params": p}
+      if perturbations is not None:
+        variables[PERTURBATIONS] = traverse_util.unflatten_dict(
+          {
+            recorder.planned[key].path + (f"cgfac_out{recorder.planned[key].index}",): value
+            for key, value in perturbations.items()
+          }
+        )
+      with nn.intercept_methods(_interceptor(recorder)):
+        outputs, collections = model.apply(variables, inputs, mutable=[INPUTS], **apply_kwargs)
+      inputs_by_key = {}
+      for name, sown in traverse_util.flatten_dict(collections.get(INPUTS, {})).items():
+        for index, a in enumerate(sown):
+          inputs_by_key[_capture.use_key(name[:-1], index)] = a
+      return outputs, inputs_by_key, None
+
+    value, grads, stats, _ = _capture.run(
+      forward, params, targets, rng, loss=loss, fisher=fisher, weights=weights
+    )
+    return value, grads, stats
+
+  return vgs
+
+
+def apply_gradients(
+  state: train_state.TrainState, grads: Any, **extra_args
+) -> train_state.TrainState:
+  """``state.apply_gradients(grads=grads)`` that forwards ``extra_args`` to ``tx.update``.
+
+  ``TrainState.apply_gradients`` calls ``tx.update(grads, opt_state, params)``
+  and cannot pass ``layer_stats``; this does the same step with them.
+
+  Args:
+    state: a ``flax.training.train_state.TrainState`` (or subclass).
+    grads: gradients like ``state.params``.
+    **extra_args: keyword arguments of ``tx.update``, e.g. ``layer_stats=stats``.
+
+  Returns:
+    ``state`` with ``step + 1``, updated ``params`` and ``opt_state``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import cgfac_optax as cgfac
+    >>> from cgfac_optax import flax as cflax
+    >>> from flax.training import train_state
+    >>> model = nn.Dense(3)
+    >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
+    >>> state = train_state.TrainState.create(
+    ...   apply_fn=model.apply, params=model.init(jax.random.key(0), x)["params"],
+    ...   tx=cgfac.cgfac(learning_rate=0.1, damping=1e-2))
+    >>> vgs = cflax.value_grad_and_stats(model)
+    >>> loss, grads, stats = vgs(state.params, x, y, jax.random.key(1))
+    >>> state = cflax.apply_gradients(state, grads, layer_stats=stats)
+    >>> int(state.step)
+    1
+  """
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state)

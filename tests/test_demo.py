@@ -1,0 +1,30 @@
+"""`make demo` smoke test: a few steps on the 8x8 digits give the table, the PNG and the JSON."""
+
+import json
+import pathlib
+import runpy
+import sys
+
+DEMO = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "demo.py"
+
+
+def test_demo_smoke(tmp_path, monkeypatch, capsys):
+  out = tmp_path / "results"
+  args = ["--dataset", "digits", "--steps", "3", "--batch-size", "64", "--eval-every", "2"]
+  # Run as `make demo` does (the script as __main__), in this process to share its imports.
+  monkeypatch.setattr(sys, "argv", [str(DEMO), *args, "--out", str(out)])
+  runpy.run_path(str(DEMO), run_name="__main__")
+  captured = capsys.readouterr()
+  lines = captured.out.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith("optimizer"))
+  assert "wall s" in lines[header] and "mean CG iterations per layer" in lines[header]
+  rows = lines[header + 2 : header + 5]
+  assert [r.split()[0] for r in rows] == ["CG-FAC", "Adam", "K-FAC"]
+  assert all(r[14:20].strip() == "3" for r in rows)  # the steps column
+  assert "Dense_0" in rows[0] and "direct solve" in rows[2]
+  assert "100%" in captured.err  # the progress bars ran to the end
+  png = out / "demo.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  results = json.loads((out / "demo.json").read_text())["results"]
+  assert [r["steps"] for r in results] == [3, 3, 3]
+  assert len(results[0]["history"]["train_loss"]) == 3  # initial, after step 2, after step 3

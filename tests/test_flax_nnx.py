@@ -1,0 +1,245 @@
+"""NNX capture: per-example oracle, shared layers, transforms, state, nnx.Optimizer training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import cgfac_optax as cgfac
+from cgfac_optax import flax as cflax
+
+F64 = jnp.float64
+ORIGINAL_CALL = nnx.Linear.__call__
+
+
+def ce(out, t):
+  per = optax.softmax_cross_entropy_with_integer_labels(out, t)
+  return per.reshape(per.shape[0], -1).mean(1)
+
+
+class MLP(nnx.Module):
+  def __init__(self, rngs, dtype=jnp.float32):
+    self.layers = nnx.List(
+      [
+        nnx.Linear(3, 6, param_dtype=dtype, rngs=rngs),
+        nnx.Linear(6, 5, use_bias=False, param_dtype=dtype, rngs=rngs),
+      ]
+    )
+    self.head = nnx.Linear(5, 4, param_dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = jnp.tanh(layer(x))
+    return self.head(x)
+
+
+def per_example_grads(model, x, t):
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def one(p, xj, tj):
+    return ce(nnx.merge(graphdef, p)(xj[None]), tj[None])[0]
+
+  return jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0, 0)))(params, x, t)
+
+
+def check_layer(stats, pe, grads, path, examples, tol=1e-6):
+  node_s, node_p, node_g = stats, pe, grads
+  for name in path:
+    node_s, node_p, node_g = node_s[name], node_p[name], node_g[name]
+  a = node_s.inputs.reshape(examples, -1, node_s.inputs.shape[-1])
+  g = node_s.output_grads.reshape(examples, -1, node_s.output_grads.shape[-1])
+  pe_kernel = jnp.einsum("bti,bto->bio", a, g)
+  np.testing.assert_allclose(pe_kernel, node_p["kernel"][...], atol=tol)
+  np.testing.assert_allclose(pe_kernel.mean(0), node_g["kernel"][...], atol=tol)
+  if "bias" in node_p:
+    np.testing.assert_allclose(g.sum(1), node_p["bias"][...], atol=tol)
+
+
+def test_per_example_oracle(x64):
+  model, b = MLP(nnx.Rngs(0), F64), 5
+  x = jax.random.normal(jax.random.key(1), (b, 3), F64)
+  t = jax.random.randint(jax.random.key(2), (b,), 0, 4)
+  loss, grads, stats = cflax.nnx_value_grad_and_stats(model, x, t, fisher="empirical")
+
+  ref_loss, ref_grads = nnx.value_and_grad(lambda m: ce(m(x), t).mean())(model)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-12), grads, ref_grads)
+  assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+
+  pe = per_example_grads(model, x, t)
+  assert set(stats) == {"layers", "head"} and set(stats["layers"]) == {0, 1}
+  for path in [("layers", 0), ("layers", 1), ("head",)]:
+    check_layer(stats, pe, grads, path, b)
+  assert nnx.Linear.__call__ is ORIGINAL_CALL  # the wrap is temporary
+
+
+class SeqShared(nnx.Module):
+  """One layer applied to (B, T, d) and then a second time."""
+
+  def __init__(self, rngs):
+    self.shared = nnx.Linear(3, 3, param_dtype=F64, rngs=rngs)
+    self.head = nnx.Linear(3, 4, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, x):
+    h = jnp.tanh(self.shared(x))
+    h = jnp.tanh(self.shared(h))
+    return self.head(h)
+
+
+def test_sequence_and_shared_layer(x64):
+  model, b, t_len = SeqShared(nnx.Rngs(0)), 3, 4
+  x = jax.random.normal(jax.random.key(1), (b, t_len, 3), F64)
+  t = jax.random.randint(jax.random.key(2), (b, t_len), 0, 4)
+  _, grads, stats = cflax.nnx_value_grad_and_stats(model, x, t, fisher="empirical")
+  assert stats["head"].inputs.shape == (b, t_len, 3)
+  assert stats["shared"].inputs.shape == (b, 2 * t_len, 3)  # both calls' positions
+  np.testing.assert_allclose(stats["shared"].inputs[:, :t_len], x)
+  pe = per_example_grads(model, x, t)
+  check_layer(stats, pe, grads, ("shared",), b)
+  check_layer(stats, pe, grads, ("head",), b)
+
+
+class Remat(nnx.Module):
+  def __init__(self, rngs):
+    self.inner = nnx.Linear(3, 3, rngs=rngs)
+    self.head = nnx.Linear(3, 2, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.remat(lambda m, v: m(v))(self.inner, x)
+    return self.head(h)
+
+
+class Vmapped(nnx.Module):
+  def __init__(self, rngs):
+    self.inner = nnx.Linear(3, 3, rngs=rngs)
+    self.head = nnx.Linear(3, 2, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.vmap(lambda m, v: m(v), in_axes=(None, 0))(self.inner, x)
+    return self.head(h)
+
+
+class Scanned(nnx.Module):
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return nnx.Linear(3, 3, rngs=rngs)
+
+    self.blocks = make(rngs)
+    self.head = nnx.Linear(3, 2, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def body(block, h):
+      return jnp.tanh(block(h))
+
+    return self.head(body(self.blocks, x))
+
+
+@pytest.mark.parametrize(
+  "cls, layer",
+  [(Remat, "inner"), (Vmapped, "inner"), (Scanned, "blocks")],
+)
+def test_transform_inside_model_raises_naming_the_layer(cls, layer):
+  model = cls(nnx.Rngs(0))
+  x, t = jnp.ones((4, 3)), jnp.zeros((4,), jnp.int32)
+  with pytest.raises(ValueError, match=f"layer '{layer}' \\(Linear\\) is called inside"):
+    cflax.nnx_value_grad_and_stats(model, x, t, fisher="empirical")
+  assert nnx.Linear.__call__ is ORIGINAL_CALL  # restored after the error
+
+
+class MyLinear(nnx.Linear):
+  pass
+
+
+class WithSubclass(nnx.Module):
+  def __init__(self, rngs):
+    self.a = MyLinear(3, 4, rngs=rngs)
+    self.b = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.b(jnp.tanh(self.a(x)))
+
+
+def test_subclass_captured_once():
+  model = WithSubclass(nnx.Rngs(0))
+  x, t = jnp.ones((4, 3)), jnp.zeros((4,), jnp.int32)
+  _, _, stats = cflax.nnx_value_grad_and_stats(model, x, t, fisher="empirical")
+  assert stats["a"].inputs.shape == (4, 3)  # one call, not one per patched class
+  assert "__call__" not in MyLinear.__dict__
+
+
+class WithBatchNorm(nnx.Module):
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(3, 4, rngs=rngs)
+    self.norm = nnx.BatchNorm(4, rngs=rngs)
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.norm(self.linear(x)))
+
+
+def test_state_written_back_like_nnx_grad():
+  x, t = jax.random.normal(jax.random.key(0), (8, 3)), jnp.arange(8) % 2
+  ours, ref = WithBatchNorm(nnx.Rngs(0)), WithBatchNorm(nnx.Rngs(0))
+  cflax.nnx_value_grad_and_stats(ours, x, t, fisher="empirical")
+  nnx.grad(lambda m: ce(m(x), t).mean())(ref)
+  mean = ours.norm.mean[...]
+  assert not np.allclose(mean, 0.0)
+  np.testing.assert_allclose(mean, ref.norm.mean[...], rtol=1e-6)
+
+
+def test_errors():
+  model = MLP(nnx.Rngs(0))
+  x, t = jnp.ones((4, 3)), jnp.zeros((4,), jnp.int32)
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    cflax.nnx_value_grad_and_stats(model, x, t)
+  with pytest.raises(ValueError, match="loss must be one of"):
+    cflax.nnx_value_grad_and_stats(model, x, t, loss="hinge")
+  with pytest.raises(ValueError, match=r"targets of shape \(4, 4\) .* got \(4,\)"):
+    cflax.nnx_value_grad_and_stats(model, x, t, loss="squared_error", fisher="empirical")
+  norm_only = nnx.LayerNorm(3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="calls no layer"):
+    cflax.nnx_value_grad_and_stats(norm_only, x, jnp.zeros((4,), jnp.int32), fisher="empirical")
+  assert nnx.Linear.__call__ is ORIGINAL_CALL
+
+
+def test_nnx_optimizer_on_digits():
+  from sklearn.datasets import load_digits
+
+  data = load_digits()
+  x = jnp.asarray((data.data / 16.0).astype(np.float32))
+  y = jnp.asarray(data.target.astype(np.int32))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(64, 32, rngs=rngs)
+      self.out = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, v):
+      return self.out(jnp.tanh(self.hidden(v)))
+
+  model = Net(nnx.Rngs(0))
+  tx = cgfac.cgfac(learning_rate=0.3, damping=0.1, momentum=None, max_iters=5)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, xb, yb, key):
+    loss, grads, stats = cflax.nnx_value_grad_and_stats(model, xb, yb, key)
+    optimizer.update(model, grads, layer_stats=stats)
+    return loss
+
+  full_loss = nnx.jit(lambda m: ce(m(x), y).mean())
+  before = full_loss(model)
+  key = jax.random.key(1)
+  for i in range(30):
+    idx = jax.random.choice(jax.random.fold_in(key, i), x.shape[0], (128,), replace=False)
+    step(model, optimizer, x[idx], y[idx], jax.random.fold_in(key, 1000 + i))
+  after = full_loss(model)
+  assert after < 0.5 * before, (before, after)
+  iterations = optimizer.opt_state[0].iterations
+  assert set(iterations) == {"hidden", "out"}
+  assert all(1 <= int(v[...]) <= 5 for v in iterations.values())
