@@ -330,7 +330,7 @@ def test_jitted_linen_loop_on_digits():
   x, y = _digits()
   model = nn.Sequential([nn.Dense(32), nn.tanh, nn.Dense(10)])
   params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
-  tx = cgfac.cgfac(learning_rate=0.3, damping=0.1, momentum=None, max_iters=5)
+  tx = cgfac.cgfac(learning_rate=0.3, damping=0.1, momentum=None, max_iters=5, kl_clip=None)
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   vgs = cflax.value_grad_and_stats(model, loss="softmax_cross_entropy", fisher="sampled")
 

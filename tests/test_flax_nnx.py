@@ -223,7 +223,7 @@ def test_nnx_optimizer_on_digits():
       return self.out(jnp.tanh(self.hidden(v)))
 
   model = Net(nnx.Rngs(0))
-  tx = cgfac.cgfac(learning_rate=0.3, damping=0.1, momentum=None, max_iters=5)
+  tx = cgfac.cgfac(learning_rate=0.3, damping=0.1, momentum=None, max_iters=5, kl_clip=None)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
