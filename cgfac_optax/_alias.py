@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import optax
 
@@ -18,10 +20,12 @@ def cgfac(
   kl_clip: float | jax.Array | None = 1e-3,
   max_iters: int = 10,
   tol: float = 1e-3,
-  solver: str = "cg",
+  solver: str | Mapping[str, str] = "cg",
   warm_start: bool = True,
   curvature_batch_size: int | None = None,
   preconditioner: str | None = None,
+  fallback: str = "diagonal",
+  fallback_decay: float | jax.Array = 0.95,
 ) -> optax.GradientTransformationExtraArgs:
   """CG-FAC: K-FAC natural-gradient steps solved by conjugate gradient.
 
@@ -47,6 +51,8 @@ def cgfac(
     warm_start: see :func:`scale_by_cgfac`.
     curvature_batch_size: see :func:`scale_by_cgfac`.
     preconditioner: see :func:`scale_by_cgfac`.
+    fallback: see :func:`scale_by_cgfac`.
+    fallback_decay: see :func:`scale_by_cgfac`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
@@ -69,6 +75,8 @@ def cgfac(
       warm_start=warm_start,
       curvature_batch_size=curvature_batch_size,
       preconditioner=preconditioner,
+      fallback=fallback,
+      fallback_decay=fallback_decay,
     )
   ]
   no_momentum = momentum is None or (isinstance(momentum, (int, float)) and momentum == 0)

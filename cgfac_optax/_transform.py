@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cgfac_optax import _blocks, _clipping, _control, _damping, _finite, _tree
+from cgfac_optax import _blocks, _clipping, _control, _damping, _fallback, _finite, _plan, _tree
 from cgfac_optax._blocks import DenseStats
 from cgfac_optax._cg import batched_cg
 from cgfac_optax._control import StepControlState
@@ -32,6 +33,9 @@ class ScaleByCGFACState(NamedTuple):
       skipped layer, whose update is zero).
     control: damping, KL-clipping factor and skipped-layer counts
       (:class:`StepControlState`).
+    fallback_moment: for ``fallback="diagonal"``, the EMA of squared gradients
+      of the parameters without stats (zeros elsewhere), like params; ``None``
+      for the other fallbacks.
   """
 
   count: jax.Array  # shape=(), dtype=int32
@@ -39,6 +43,7 @@ class ScaleByCGFACState(NamedTuple):
   iterations: dict[str, jax.Array]  # shape=() each, dtype=int32
   residual: dict[str, jax.Array]  # shape=() each, dtype=float32
   control: StepControlState
+  fallback_moment: optax.Updates | None = None  # like params
 
 
 class _Layer(NamedTuple):
@@ -66,8 +71,7 @@ def _validate(damping, max_iters, tol, solver, curvature_batch_size, preconditio
     raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
   _check_number("max_iters", max_iters, lambda m: m >= 1, "an int >= 1")
   _check_number("tol", tol, lambda t: t >= 0, ">= 0")
-  if solver not in _blocks.SOLVERS:
-    raise ValueError(f"solver must be one of {sorted(_blocks.SOLVERS)}, got {solver!r}")
+  _plan.validate_solver(solver)
   if curvature_batch_size is not None and (
     not isinstance(curvature_batch_size, int) or curvature_batch_size < 1
   ):
@@ -145,12 +149,14 @@ def scale_by_cgfac(
   *,
   max_iters: int = 10,
   tol: float = 1e-3,
-  solver: str = "cg",
+  solver: str | Mapping[str, str] = "cg",
   warm_start: bool = True,
   curvature_batch_size: int | None = None,
   preconditioner: str | None = None,
   learning_rate: float | jax.Array | optax.Schedule | None = None,
   kl_clip: float | jax.Array | None = None,
+  fallback: str = "diagonal",
+  fallback_decay: float | jax.Array = 0.95,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients by the damped K-FAC Fisher, solved with CG.
 
@@ -168,8 +174,8 @@ def scale_by_cgfac(
   layers are solved in one ``lax.while_loop``. The update has the sign of the
   gradient; chain a negative learning rate after it (:func:`cgfac` does).
 
-  Parameters whose layer has no entry in ``layer_stats`` pass through
-  unchanged.
+  Parameters that are not the ``kernel`` or ``bias`` of a layer with stats
+  (LayerNorm scales, embeddings, ...) get the ``fallback`` update.
 
   **Step control.** With ``kl_clip=kappa`` every layer's solution is scaled by
   one common factor ``c = min(1, sqrt(kappa / (lr^2 sum_l <x_l, grad_l>)))``
@@ -212,7 +218,10 @@ def scale_by_cgfac(
     solver: ``"cg"`` (matrix-free CG, the paper), ``"cg_materialized"`` (CG
       with ``A`` and ``G`` formed once per step), ``"eigh"`` (exact: standard
       K-FAC with eigendecomposed factors) or ``"lowrank"`` (exact: thin
-      eigendecomposition from the ``rows x rows`` Gram matrices).
+      eigendecomposition from the ``rows x rows`` Gram matrices); or
+      ``"auto"``: per layer, the cheapest of these by the cost model of
+      :func:`cgfac_optax.plan` (which shows the choice); or a dict
+      ``{layer path: solver}`` (layers not in it use ``"auto"``).
     warm_start: start CG from the previous solution (else from zero).
     curvature_batch_size: use only the first this-many examples of the stats
       for the curvature (the gradient always uses the full batch).
@@ -223,6 +232,11 @@ def scale_by_cgfac(
       scaled by it.
     kl_clip: ``None`` (no clipping) or the bound ``kappa > 0`` on
       ``lr^2 <x, F x>`` per step.
+    fallback: the update of parameters without stats: ``"diagonal"`` (damped
+      diagonal empirical Fisher, an EMA of ``grad^2`` kept in the state),
+      ``"identity"`` (the gradient unchanged) or ``"error"`` (raise, listing
+      them); see :mod:`cgfac_optax._fallback`.
+    fallback_decay: EMA decay of the ``"diagonal"`` fallback's second moment.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -257,7 +271,7 @@ def scale_by_cgfac(
   """
   _validate(damping, max_iters, tol, solver, curvature_batch_size, preconditioner)
   _control.validate(damping, learning_rate, kl_clip)
-  method = _blocks.SOLVERS[solver]
+  _fallback.validate(fallback, fallback_decay)
   adaptive = isinstance(damping, AdaptiveDamping)
 
   def init_fn(params):
@@ -268,6 +282,7 @@ def scale_by_cgfac(
       iterations={p: jnp.zeros([], jnp.int32) for p in paths},
       residual={p: jnp.zeros([], jnp.float32) for p in paths},
       control=_control.init(damping, paths),
+      fallback_moment=_fallback.init(params, fallback),
     )
 
   def update_fn(
@@ -289,6 +304,7 @@ def scale_by_cgfac(
     grads = [leaf for _, leaf in flat]
     sol_leaves = treedef.flatten_up_to(state.solution)
     layers = _match_layers(paths, grads, layer_stats)
+    _check_solver_paths(solver, paths)
     gamma = _control.damping_now(damping, state.control, state.count)
 
     iterations = dict(state.iterations)
@@ -306,9 +322,11 @@ def scale_by_cgfac(
       )
       systems.append(system)
       gam = jnp.asarray(gamma, dtype)
+      name = _plan.layer_solver(solver, layer.path, *a.shape, g.shape[1], dtype, max_iters)
+      method = _blocks.SOLVERS[name]
       data = method.prepare(a, g, sa, sg)
       if method.iterative:
-        ops.append(lambda v, data=data, gam=gam: method.apply(data, v) + gam * v)
+        ops.append(lambda v, data=data, gam=gam, f=method.apply: f(data, v) + gam * v)
         if preconditioner == "jacobi":
           diag = _blocks.jacobi_diagonal(a, g, sa, sg) + gam
           precs.append(lambda r, diag=diag: r / diag)
@@ -355,6 +373,14 @@ def scale_by_cgfac(
         iterations[layer.path] = jnp.where(skip, 0, iterations[layer.path])
         residual[layer.path] = jnp.where(skip, 1, residual[layer.path]).astype(jnp.float32)
 
+    covered = {i for layer in layers for i in (layer.kernel, layer.bias) if i is not None}
+    moments = None
+    if state.fallback_moment is not None:
+      moments = treedef.flatten_up_to(state.fallback_moment)
+    _fallback.apply(
+      fallback, paths, grads, out, covered, moments, gamma, state.count, fallback_decay
+    )
+
     next_damping = jnp.asarray(gamma, jnp.float32)
     # A schedule may return a bad value; the state keeps the last good one.
     next_damping = jnp.where(jnp.isfinite(next_damping), next_damping, state.control.damping)
@@ -375,6 +401,7 @@ def scale_by_cgfac(
       control=StepControlState(
         damping=next_damping, clip=clip.value().astype(jnp.float32), skipped=skipped
       ),
+      fallback_moment=None if moments is None else treedef.unflatten(moments),
     )
     return treedef.unflatten(out), new_state
 
@@ -409,6 +436,15 @@ def _auto_axes_on_explicit_mesh(update_fn):
     return jax.sharding.auto_axes(solve, out_sharding=out_sharding)(updates, state, params, arrays)
 
   return wrapped
+
+
+def _check_solver_paths(solver, paths: list[str]) -> None:
+  if not isinstance(solver, Mapping):
+    return
+  layers = {p.rpartition("/")[0] for p in paths if p.rpartition("/")[2] == "kernel"}
+  unknown = sorted(set(solver) - layers)
+  if unknown:
+    raise ValueError(f"solver names layers the gradients do not have: {unknown}")
 
 
 def _write_finite(out, leaves, layer: _Layer, m: jax.Array) -> jax.Array:

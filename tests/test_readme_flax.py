@@ -1,4 +1,4 @@
-"""The Flax examples of README.md (before the merge: docs_flax_section.md) run and train."""
+"""The Flax examples of README.md run and train."""
 
 import pathlib
 import re
@@ -11,14 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MARKER = "from cgfac_optax import flax as cflax"
 
 
-def source() -> pathlib.Path:
-  readme = ROOT / "README.md"
-  if readme.exists() and MARKER in readme.read_text():
-    return readme
-  return ROOT / "docs_flax_section.md"
-
-
-BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", source().read_text(), re.S) if MARKER in b]
+README = ROOT / "README.md"
+BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if MARKER in b]
 
 
 def test_linen_and_nnx_examples_exist():

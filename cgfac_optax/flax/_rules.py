@@ -11,7 +11,7 @@ The table :data:`RULES` is keyed by class and looked up along the MRO, so a
 subclass of ``nn.Dense`` is captured as a dense layer. Another layer kind plugs
 in with :func:`register_rule` from any module file::
 
-  register_rule(nn.Conv, CaptureRule(inputs=conv_patches, output_grads=identity))
+  register_rule(MyLayer, CaptureRule(inputs=my_inputs, output_grads=identity))
 
 A rule raises ``ValueError`` for a configuration it cannot express as one
 ``(d_in, d_out)`` kernel; the capture adds the layer's path to the message.
@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from cgfac_optax.flax._conv import conv_inputs
 
 
 class CaptureRule(NamedTuple):
@@ -109,3 +111,9 @@ DENSE = CaptureRule(inputs=identity, output_grads=identity)
 register_rule(nn.Dense, DENSE)
 register_rule(nn.DenseGeneral, CaptureRule(dense_general_inputs, dense_general_output_grads))
 register_rule(nnx.Linear, DENSE)
+
+# Convolutions are dense layers on patch rows (KFC); the rule lives with the patch code.
+CONV = CaptureRule(inputs=conv_inputs, output_grads=identity)
+
+register_rule(nn.Conv, CONV)
+register_rule(nnx.Conv, CONV)

@@ -1,0 +1,203 @@
+"""Convolutions as dense layers on patch rows (KFC, Grosse & Martens 2016).
+
+A convolution ``y = conv(x, W)`` is a dense layer applied at every output
+position: with ``p_{j,l}`` the receptive-field patch of example ``j`` at output
+position ``l``, flattened in the kernel's own order (``(kh, kw, c_in)`` for
+Flax's ``HWIO`` kernels), ``y_{j,l} = p_{j,l} @ W.reshape(-1, c_out)``. So a
+conv layer's curvature stats are :class:`~cgfac_optax.DenseStats` with
+``inputs`` the patches, shape ``(examples, *out_spatial, kh kw c_in)``, and
+``output_grads`` the per-example output gradients, shape
+``(examples, *out_spatial, c_out)``, and every solver of the dense block
+applies unchanged.
+
+Normalisation (KFC): rows are the ``examples x positions`` output positions and
+
+.. math::
+
+  A = \\frac{1}{B L} \\sum_{j,l} p_{j,l} p_{j,l}^\\top, \\qquad
+  G = \\frac{1}{B} \\sum_{j,l} g_{j,l} g_{j,l}^\\top,
+
+for ``B`` examples and ``L`` output positions each: the library's
+``A = a^T a / rows``, ``G = g^T g / examples`` rule. ``A (x) G`` equals the
+KFC approximation ``L E[p p^T] (x) E[g g^T]`` with expectations over examples
+and positions, which is also the scale kfac-jax's ``Conv2DTwoKroneckerFactored``
+uses (both factors over ``B L``, times ``L``). With one position per example
+(a 1x1 conv on a 1x1 image) it is exactly the dense layer's block, and a 1x1
+stride-1 conv is a dense layer applied at every pixel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cgfac_optax._blocks import DenseStats
+
+Padding = str | Sequence[tuple[int, int]]
+
+
+def _dimension_numbers(lhs_ndim: int, dimension_numbers) -> Any:
+  if dimension_numbers is not None:
+    return dimension_numbers
+  spatial = "".join(chr(ord("A") + i) for i in range(lhs_ndim - 2))
+  return (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+
+
+def conv_patches(
+  inputs: jax.Array,
+  kernel_shape: Sequence[int],
+  *,
+  window_strides: Sequence[int] | None = None,
+  padding: Padding = "VALID",
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+) -> jax.Array:
+  """The patch rows of a convolution, features in the kernel's order.
+
+  Takes the arguments of ``lax.conv_general_dilated`` (with the kernel's shape
+  in place of the kernel) and returns ``p`` such that
+  ``conv(inputs, kernel)`` with the channels moved last equals
+  ``p @ kernel.reshape(-1, c_out)``.
+
+  Args:
+    inputs: the layer input, ``rank n + 2``.
+    kernel_shape: the kernel's shape; its output-feature dimension must be last
+      (as in Flax's ``HWIO``), so that ``kernel.reshape(-1, c_out)`` is the
+      dense weight matrix.
+    window_strides: ``n`` strides (default all 1).
+    padding: ``"SAME"``, ``"VALID"`` or ``n`` ``(low, high)`` pairs.
+    lhs_dilation: input dilation (transposed convolution), ``n`` ints or None.
+    rhs_dilation: kernel dilation (atrous convolution), ``n`` ints or None.
+    dimension_numbers: as in ``lax.conv_general_dilated``; ``None`` means
+      channels-last, Flax's layout (``("NHWC", "HWIO", "NHWC")`` in 2D), not
+      lax's ``NCHW`` default.
+    feature_group_count: must be 1: a grouped (e.g. depthwise) convolution is
+      block-diagonal over groups with a different input factor per group, not
+      one Kronecker product.
+
+  Returns:
+    Patches of shape ``(batch, *out_spatial, prod(kernel_shape[:-1]))``: the
+    conv output's batch and spatial dimensions in the output layout's order,
+    features flattened in the order of the kernel's non-output dimensions.
+
+  Raises:
+    ValueError: for ``feature_group_count != 1``, a kernel whose output
+      dimension is not last, or inputs whose channels do not match the kernel.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from cgfac_optax import conv_patches
+    >>> x = jnp.ones((2, 5, 5, 3))
+    >>> conv_patches(x, (3, 3, 3, 4), window_strides=(2, 2), padding="SAME").shape
+    (2, 3, 3, 27)
+  """
+  if feature_group_count != 1:
+    raise ValueError(
+      "grouped convolutions have no single Kronecker-factored block: "
+      f"feature_group_count must be 1, got {feature_group_count!r}"
+    )
+  kernel_shape = tuple(int(k) for k in kernel_shape)
+  n = inputs.ndim - 2
+  if len(kernel_shape) != n + 2:
+    raise ValueError(
+      f"kernel_shape {kernel_shape} must have rank {n + 2} for inputs {inputs.shape}"
+    )
+  specs = _dimension_numbers(inputs.ndim, dimension_numbers)
+  dn = lax.conv_dimension_numbers(inputs.shape, kernel_shape, specs)
+  out_dim, in_dim = dn.rhs_spec[0], dn.rhs_spec[1]
+  if out_dim != len(kernel_shape) - 1:
+    raise ValueError(
+      "the kernel's output-feature dimension must be last (e.g. 'HWIO'), so that "
+      f"kernel.reshape(-1, c_out) is the dense matrix; got kernel_shape {kernel_shape} "
+      f"with dimension_numbers {dimension_numbers!r}"
+    )
+  c_in = inputs.shape[dn.lhs_spec[1]]
+  if kernel_shape[in_dim] != c_in:
+    raise ValueError(
+      f"inputs have {c_in} channels but kernel_shape {kernel_shape} expects {kernel_shape[in_dim]}"
+    )
+  spatial_positions = sorted(dn.rhs_spec[2:])  # the kernel's spatial dims, in memory order
+  filter_shape = tuple(kernel_shape[i] for i in spatial_positions)
+  patches = lax.conv_general_dilated_patches(
+    inputs,
+    filter_shape,
+    window_strides=tuple(window_strides) if window_strides is not None else (1,) * n,
+    padding=padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dn,
+    # The identity kernel is exact in any precision, but the inputs would be
+    # rounded (to TF32 or bfloat16 passes on accelerators) without HIGHEST.
+    precision=lax.Precision.HIGHEST,
+  )
+  # Batch first, features last; the spatial dims keep the output layout's order.
+  patches = jnp.moveaxis(patches, (dn.out_spec[0], dn.out_spec[1]), (0, -1))
+  # lax orders each patch channel-major, (c_in, *spatial in memory order);
+  # reorder to the kernel's own order of its non-output dimensions.
+  lead = patches.shape[:-1]
+  patches = patches.reshape(*lead, c_in, *filter_shape)
+  axis_of = {in_dim: 0} | {p: 1 + r for r, p in enumerate(spatial_positions)}
+  order = [axis_of[d] for d in range(len(kernel_shape) - 1)]
+  k = len(lead)
+  patches = jnp.transpose(patches, (*range(k), *(k + o for o in order)))
+  return patches.reshape(*lead, c_in * math.prod(filter_shape))
+
+
+def conv_output_rows(y: jax.Array, dimension_numbers: Any = None) -> jax.Array:
+  """A conv output (or its gradient) with batch first and channels last.
+
+  The leading dimensions then line up with :func:`conv_patches`' rows. For the
+  default channels-last layout this is the identity.
+  """
+  specs = _dimension_numbers(y.ndim, dimension_numbers)
+  if isinstance(specs, lax.ConvDimensionNumbers):
+    out_spec = specs.out_spec
+  else:
+    out_spec = lax.conv_dimension_numbers(y.shape, y.shape, specs).out_spec
+  return jnp.moveaxis(y, (out_spec[0], out_spec[1]), (0, -1))
+
+
+def conv_stats(
+  inputs: jax.Array,
+  output_grads: jax.Array,
+  kernel_shape: Sequence[int],
+  **conv_kwargs,
+) -> DenseStats:
+  """Curvature stats of a convolution: patch rows and per-position output gradients.
+
+  Args:
+    inputs: the conv layer's input.
+    output_grads: the gradient of the *per-example* loss with respect to the
+      conv output, in the conv output's layout.
+    kernel_shape: the kernel's shape (output dimension last).
+    **conv_kwargs: the layer's ``window_strides``, ``padding``,
+      ``lhs_dilation``, ``rhs_dilation``, ``dimension_numbers`` and
+      ``feature_group_count``, as for :func:`conv_patches`.
+
+  Returns:
+    ``DenseStats(inputs=patches, output_grads=g)`` with matching leading
+    dimensions ``(examples, *out_spatial)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from cgfac_optax import conv_stats
+    >>> x, g = jnp.ones((2, 6, 6, 3)), jnp.ones((2, 3, 3, 8))
+    >>> s = conv_stats(x, g, (3, 3, 3, 8), window_strides=(2, 2), padding="SAME")
+    >>> s.inputs.shape, s.output_grads.shape
+    ((2, 3, 3, 27), (2, 3, 3, 8))
+  """
+  a = conv_patches(inputs, kernel_shape, **conv_kwargs)
+  g = conv_output_rows(output_grads, conv_kwargs.get("dimension_numbers"))
+  if a.shape[:-1] != g.shape[:-1]:
+    raise ValueError(
+      f"output_grads {output_grads.shape} do not match the conv output positions "
+      f"{a.shape[:-1]} of inputs {inputs.shape} with kernel_shape {tuple(kernel_shape)}"
+    )
+  return DenseStats(inputs=a, output_grads=g)
