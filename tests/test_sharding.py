@@ -1,5 +1,5 @@
 """CG-FAC under jax.jit on 8 simulated CPU devices: the single-device answer, stable state
-layouts, and the collectives docs_scaling_section.md states.
+layouts, and the collectives the README's scaling section states.
 
 The 8-device runs happen in a subprocess (tests/sharded_worker.py) because the device count
 is fixed when jax starts, and the rest of the suite runs on one device.
@@ -86,7 +86,7 @@ def test_sharded_steps_equal_single_device_steps(solver):
     assert min(iterations) < max(iterations), iterations
 
 
-# The claims of docs_scaling_section.md for the demo MLP 784-256-128-10 at batch 256 (float32),
+# The claims of the README's scaling section for the demo MLP 784-256-128-10 at batch 256 (float32),
 # data-parallel over 8 devices. Per layer, with the bias row: (d_A, d_G).
 B = 256
 LAYERS = [(785, 256), (257, 128), (129, 10)]
@@ -167,13 +167,10 @@ def test_adaptive_damping_on_an_explicit_mesh_matches_one_device():
 
 
 def _doc_section() -> str:
-  """The scaling section, from its own file or, once merged, from README.md."""
-  for name in ("docs_scaling_section.md", "README.md"):
-    path = ROOT / name
-    if path.exists() and "## Scaling out" in path.read_text():
-      text = path.read_text().split("## Scaling out", 1)[1]
-      return text.split("\n## ", 1)[0]
-  raise AssertionError("no '## Scaling out' section in docs_scaling_section.md or README.md")
+  """The README's scaling section."""
+  text = (ROOT / "README.md").read_text()
+  assert "## Scaling out" in text, "no '## Scaling out' section in README.md"
+  return text.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
 
 
 def test_scaling_section_examples_run_on_8_devices(tmp_path):
