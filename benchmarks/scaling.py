@@ -20,12 +20,11 @@ import argparse
 import os
 import time
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
-
-import _common as C
 
 SOLVERS = ("cg", "cg_materialized", "eigh", "lowrank")
 

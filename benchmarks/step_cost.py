@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import time
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
-
-import _common as C
 from _defaults import CGFAC_DAMPING, CGFAC_LEARNING_RATE, CURVATURE_BATCH_SIZE
+from tqdm import tqdm
 
 
 def optimizer_specs(curvature_batch_size: int, names=None) -> list[C.OptSpec]:

@@ -25,13 +25,12 @@ import argparse
 import math
 import time
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
-
-import _common as C
 from _defaults import CGFAC_DEFAULTS
+from tqdm import tqdm
 
 LR_FACTORS = (1 / 3, 1.0, 3.0)
 

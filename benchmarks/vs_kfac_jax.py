@@ -23,11 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import _common as C
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import _common as C
 import time_to_target as T
 
 ROOT = Path(__file__).resolve().parent.parent
