@@ -5,30 +5,48 @@ from __future__ import annotations
 import jax
 import optax
 
+from cgfac_optax._damping import AdaptiveDamping
 from cgfac_optax._transform import scale_by_cgfac
 
 
 def cgfac(
   learning_rate: float | jax.Array | optax.Schedule,
-  damping: float | jax.Array | optax.Schedule = 1e-3,
+  damping: float | jax.Array | optax.Schedule | AdaptiveDamping = 1e-3,
   *,
-  momentum: float | None = 0.9,
+  momentum: float | jax.Array | None = 0.9,
   nesterov: bool = False,
-  **cgfac_kwargs,
+  kl_clip: float | jax.Array | None = 1e-3,
+  max_iters: int = 10,
+  tol: float = 1e-3,
+  solver: str = "cg",
+  warm_start: bool = True,
+  curvature_batch_size: int | None = None,
+  preconditioner: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """CG-FAC: K-FAC natural-gradient steps solved by conjugate gradient.
 
-  The same as ``optax.chain(scale_by_cgfac(damping, ...), optax.trace(momentum),
-  optax.scale_by_learning_rate(learning_rate))``.
+  The same as ``optax.chain(scale_by_cgfac(damping, learning_rate=learning_rate,
+  kl_clip=kl_clip, ...), optax.trace(momentum),
+  optax.scale_by_learning_rate(learning_rate))``: KL clipping is on by default
+  (kfac-pytorch's default bound), so a too-large learning rate shortens the
+  steps instead of diverging.
 
   Args:
     learning_rate: a float or an ``optax.Schedule``.
-    damping: Tikhonov damping ``gamma`` added to each layer's Fisher block.
+    damping: Tikhonov damping ``gamma`` added to each layer's Fisher block: a
+      float, a schedule, or :class:`AdaptiveDamping` (then ``update`` also
+      takes ``value=`` and ``value_fn=``, see :func:`scale_by_cgfac`).
     momentum: heavy-ball momentum on the preconditioned gradient; ``None`` or
       0 for none.
     nesterov: use Nesterov momentum.
-    **cgfac_kwargs: passed to :func:`scale_by_cgfac` (``max_iters``, ``tol``,
-      ``solver``, ``warm_start``, ``curvature_batch_size``, ``preconditioner``).
+    kl_clip: bound ``kappa`` on ``learning_rate^2 <x, F x>`` of each
+      preconditioned step ``x`` (before momentum); ``None`` turns clipping off.
+    max_iters: see :func:`scale_by_cgfac`.
+    tol: see :func:`scale_by_cgfac`.
+    solver: see :func:`scale_by_cgfac`.
+    warm_start: see :func:`scale_by_cgfac`.
+    curvature_batch_size: see :func:`scale_by_cgfac`.
+    preconditioner: see :func:`scale_by_cgfac`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
@@ -38,8 +56,23 @@ def cgfac(
     >>> import cgfac_optax as cgfac
     >>> tx = cgfac.cgfac(learning_rate=0.1, damping=1e-3, max_iters=5)
   """
-  parts = [scale_by_cgfac(damping, **cgfac_kwargs)]
-  if momentum:
+  # The options are spelled out (no **kwargs) so that optax.inject_hyperparams can bind them, and
+  # momentum is tested without bool(): under inject_hyperparams it arrives as a traced array.
+  parts = [
+    scale_by_cgfac(
+      damping,
+      learning_rate=learning_rate,
+      kl_clip=kl_clip,
+      max_iters=max_iters,
+      tol=tol,
+      solver=solver,
+      warm_start=warm_start,
+      curvature_batch_size=curvature_batch_size,
+      preconditioner=preconditioner,
+    )
+  ]
+  no_momentum = momentum is None or (isinstance(momentum, (int, float)) and momentum == 0)
+  if not no_momentum:
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)

@@ -153,10 +153,22 @@ def lowrank_prepare(a, g, scale_a, scale_g) -> EigenFactors:
 
 
 def lowrank_solve(data: EigenFactors, v: jax.Array, damping) -> jax.Array:
-  """Exact solve with thin eigenbases (DESIGN: ``X = V/g + W_A (C/(l l^T + g) - C/g) W_G^T``)."""
+  """Exact solve with thin eigenbases (DESIGN: ``X = V/g + W_A (C/(l l^T + g) - C/g) W_G^T``).
+
+  Evaluated as ``W_A (C/(l l^T + g)) W_G^T + (V - P V)/g`` with ``P`` the
+  projection on the bases' span applied twice: forming ``V/g`` and
+  ``W C W^T/g`` separately would cancel catastrophically for a tiny damping
+  (an error of ``eps ||V|| / g`` inside the span).
+  """
+
+  def project(x):
+    return _dot(_dot(data.q_a, _dot(_dot(data.q_a.T, x), data.q_g)), data.q_g.T)
+
   c = _dot(_dot(data.q_a.T, v), data.q_g)
-  correction = c / (jnp.outer(data.l_a, data.l_g) + damping) - c / damping
-  return v / damping + _dot(_dot(data.q_a, correction), data.q_g.T)
+  rest = v - _dot(_dot(data.q_a, c), data.q_g.T)
+  rest = rest - project(rest)
+  inside = c / (jnp.outer(data.l_a, data.l_g) + damping)
+  return _dot(_dot(data.q_a, inside), data.q_g.T) + rest / damping
 
 
 def jacobi_diagonal(a: jax.Array, g: jax.Array, scale_a, scale_g) -> jax.Array:

@@ -48,7 +48,7 @@ def batched_cg(
   b: Sequence[jax.Array],
   x0: Sequence[jax.Array],
   *,
-  max_iters: int,
+  max_iters: int | jax.Array,
   tol: float | jax.Array,
   preconditioners: Sequence[Operator | None] | None = None,
 ) -> CGResult:
@@ -105,11 +105,14 @@ def batched_cg(
     pap = _vdots(p, ap)
     ok = active & (pap > 0) & jnp.isfinite(pap)
     alpha = jnp.where(ok, rz / jnp.where(ok, pap, 1), 0)
+    # The per-block scalars are stacked in the widest block dtype; each block keeps its own.
+    alpha = [ai.astype(xi.dtype) for ai, xi in zip(alpha, x)]
     x = [jnp.where(o, xi + a * pi, xi) for o, xi, a, pi in zip(ok, x, alpha, p)]
     r = [jnp.where(o, ri - a * api, ri) for o, ri, a, api in zip(ok, r, alpha, ap)]
     z = [m(ri) for m, ri in zip(precs, r)]
     rz_new = _vdots(r, z)
     beta = jnp.where(ok, rz_new / jnp.where(ok, rz, 1), 0)
+    beta = [bi.astype(pi.dtype) for bi, pi in zip(beta, p)]
     p = [jnp.where(o, zi + bt * pi, pi) for o, zi, bt, pi in zip(ok, z, beta, p)]
     rr = jnp.where(ok, _vdots(r, r), rr)
     rz = jnp.where(ok, rz_new, rz)
