@@ -225,21 +225,25 @@ def sgd_spec(learning_rate=0.05, name="sgd_momentum") -> OptSpec:
 def make_step(layers, loss: str, spec: OptSpec, fisher: str = "sampled"):
   """``(params, state, x, y, key, lr) -> (params, state, loss)`` and the transformation.
 
-  The transformation is built with learning rate 1 and the step scales its
-  updates by ``lr``, a run-time argument: for a constant learning rate this is
-  exactly ``spec.make(lr)`` (the learning rate is the last link of every chain
-  here), and one compilation serves a whole learning-rate sweep.
+  The transformation is ``optax.inject_hyperparams`` of ``spec.make``: the
+  learning rate lives in the state and the step sets it from ``lr``, a run-time
+  argument, so one compilation serves a whole learning-rate sweep, and CG-FAC's
+  KL clipping sees the learning rate it is used with.
   """
   import optax
 
-  tx = spec.make(1.0)
+  tx = optax.inject_hyperparams(lambda learning_rate: spec.make(learning_rate))(
+    learning_rate=spec.learning_rate
+  )
 
-  def finish(params, state, grads, stats, lr):
+  def finish(params, state, grads, stats, lr, **extra):
+    hyper = dict(state.hyperparams)
+    hyper["learning_rate"] = jnp.asarray(lr, hyper["learning_rate"].dtype)
+    state = state._replace(hyperparams=hyper)
     if stats is None:
       updates, state = tx.update(grads, state, params)
     else:
-      updates, state = tx.update(grads, state, params, layer_stats=stats)
-    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
+      updates, state = tx.update(grads, state, params, layer_stats=stats, **extra)
     return optax.apply_updates(params, updates), state
 
   if spec.needs_stats:
@@ -247,7 +251,16 @@ def make_step(layers, loss: str, spec: OptSpec, fisher: str = "sampled"):
 
     def step(params, state, x, y, key, lr):
       value, grads, stats = vgs(params, x, y, key)
-      params, state = finish(params, state, grads, stats, lr)
+      # value and value_fn serve adaptive damping (cgfac_optax.AdaptiveDamping); else ignored.
+      params, state = finish(
+        params,
+        state,
+        grads,
+        stats,
+        lr,
+        value=value,
+        value_fn=lambda p: mean_loss(layers, loss, p, x, y),
+      )
       return params, state, value
 
   else:

@@ -37,7 +37,6 @@ LR_FACTORS = (1 / 3, 1.0, 3.0)
 
 def optimizer_specs(task: str, names=None) -> list[C.OptSpec]:
   d = CGFAC_DEFAULTS[task.split("-")[0]]
-  common = dict(damping=d["damping"], max_iters=d["max_iters"])
   specs = [
     C.adam_spec(1e-3),
     C.sgd_spec(d["sgd_learning_rate"]),
@@ -45,12 +44,22 @@ def optimizer_specs(task: str, names=None) -> list[C.OptSpec]:
     C.cgfac_spec(
       "cgfac",
       d["learning_rate"],
-      solver="cg",
+      d["damping"],
+      solver=d["solver"],
+      max_iters=d["max_iters"],
       curvature_batch_size=d["curvature_batch_size"],
-      **common,
     ),
-    C.cgfac_spec("cgfac_lowrank", d["learning_rate"], d["damping"], solver="lowrank"),
   ]
+  if d.get("lowrank", True):
+    specs.append(
+      C.cgfac_spec(
+        "cgfac_lowrank",
+        d["learning_rate"],
+        d["damping"],
+        solver="lowrank",
+        curvature_batch_size=d["curvature_batch_size"],
+      )
+    )
   if names:
     specs = [s for s in specs if s.name in names or s.name == "adam"]
   return specs
