@@ -1,0 +1,200 @@
+"""The benchmark scripts run end to end with `--tiny`, and their helpers are right.
+
+Timings are never asserted: these tests keep the scripts working and check the
+numbers they are built on (curvature statistics, convolution patches) against
+independent references.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common as C  # noqa: E402
+import vs_kfac_jax  # noqa: E402
+
+
+def _x64():
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64  # jax < 0.8
+
+  return enable_x64()
+
+
+def run_script(name: str, out: Path, *extra: str) -> dict:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+  proc = subprocess.run(
+    [sys.executable, str(BENCH / name), "--tiny", "--out", str(out), *extra],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=900,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "device" in proc.stdout and "jax" in proc.stdout
+  stem = name.removesuffix(".py")
+  assert (out / f"{stem}.png").stat().st_size > 0
+  return json.loads((out / f"{stem}.json").read_text())
+
+
+@pytest.mark.slow
+def test_step_cost_tiny(tmp_path):
+  res = run_script("step_cost.py", tmp_path)
+  step = res["step"]["16"]
+  assert step["adam"]["ratio_to_adam"] == pytest.approx(1.0)
+  assert {"sgd_momentum", "kfac_eigh", "cg", "cg_materialized", "lowrank"} <= set(step)
+  assert step["adam"]["state_bytes_per_param_byte"] == pytest.approx(2.0, abs=0.01)
+  assert all(np.isfinite(r["step_s"]) and r["step_s"] > 0 for r in step.values())
+  assert 0 < step["cg"]["cg_iterations"] <= 10
+  assert {"adam", "cg", "lowrank", "kfac_eigh"} <= set(res["update"]["16"])
+  assert "### Training step" in res["tables"][0]
+
+
+@pytest.mark.slow
+def test_time_to_target_tiny(tmp_path):
+  res = run_script("time_to_target.py", tmp_path, "--tasks", "autoencoder-mnist", "cnn-mnist")
+  for task in ("autoencoder-mnist", "cnn-mnist"):
+    t = res["tasks"][task]
+    adam = t["optimizers"]["adam"]
+    assert len(adam["sweep"]) == 3
+    assert adam["runs"][0]["final_loss"] == pytest.approx(t["target"])
+    assert adam["reached"] == 1
+    assert {"sgd_momentum", "kfac_eigh", "cgfac"} <= set(t["optimizers"])
+    for o in t["optimizers"].values():
+      run = o["runs"][0]
+      assert run["steps"] == 5 or run["diverged"]
+      assert [s for _, s, _ in run["history"]] == sorted(s for _, s, _ in run["history"])
+
+
+@pytest.mark.slow
+def test_scaling_tiny(tmp_path):
+  res = run_script("scaling.py", tmp_path)
+  solved = [e for e in res["results"] if "skipped" not in e]
+  assert {e["solver"] for e in solved} == {"cg", "cg_materialized", "eigh", "lowrank"}
+  assert all(e["time_s"] > 0 for e in solved)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+  not vs_kfac_jax.venv_ready(vs_kfac_jax.VENV),
+  reason="kfac-jax venv .kfac-venv/ not present: `python benchmarks/vs_kfac_jax.py` creates it; "
+  "tests never do",
+)
+def test_vs_kfac_jax_tiny(tmp_path):
+  res = run_script("vs_kfac_jax.py", tmp_path, "--no-create")
+  assert res["kfac_jax_environment"]["kfac_jax"] == "0.0.8"
+  assert any(name.startswith("kfac-jax") for name in res["runs"])
+  assert "cgfac" in res["runs"]
+
+
+@pytest.mark.slow
+def test_gpu_script_tiny(tmp_path):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+  proc = subprocess.run(
+    [sys.executable, str(BENCH / "gpu.py"), "--tiny", "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=900,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "device" in proc.stdout
+  assert (tmp_path / "step_cost.json").exists() and (tmp_path / "time_to_target.json").exists()
+
+
+def test_no_venv_gives_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no kfac-jax venv"):
+    vs_kfac_jax.ensure_venv(tmp_path / "missing", create=False)
+
+
+# ---------------------------------------------------------------------------
+# The helpers the benchmarks are built on, against independent references.
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_stats_reproduce_per_example_gradients(fisher):
+  layers = C.small_cnn(channels=(3, 4))
+  with _x64():
+    params = C.init_params(layers, jax.random.key(0), jnp.float64)
+    x = jax.random.uniform(jax.random.key(1), (5, 28, 28, 1), jnp.float64)
+    y = jnp.arange(5) % 10
+    loss, grads, stats = C.value_grad_and_stats(layers, "softmax_ce", fisher)(
+      params, x, y, jax.random.key(2)
+    )
+
+    def per_example_grad(xi, yi, target):
+      return jax.grad(lambda p: C.mean_loss(layers, "softmax_ce", p, xi[None], target[None]))(
+        params
+      )
+
+    pe = jax.vmap(per_example_grad)(x, y, y)
+    assert float(loss) == pytest.approx(float(C.mean_loss(layers, "softmax_ce", params, x, y)))
+    for name, st in stats.items():
+      np.testing.assert_allclose(grads[name]["kernel"], pe[name]["kernel"].mean(0), atol=1e-12)
+      a = st.inputs.reshape(5, -1, st.inputs.shape[-1])
+      g = st.output_grads.reshape(5, -1, st.output_grads.shape[-1])
+      outer = jnp.einsum("bra,brg->bag", a, g)
+      if fisher == "empirical":
+        want = pe[name]["kernel"].reshape(outer.shape)
+        np.testing.assert_allclose(outer, want, atol=1e-12)
+        np.testing.assert_allclose(g.sum(1), pe[name]["bias"], atol=1e-12)
+      else:
+        # Sampled: the same per-example gradients for labels drawn from the model's softmax.
+        logits, _ = C.forward(layers, params, x)
+        drawn = C.LOSSES["softmax_ce"][1](jax.random.key(2), logits)
+        want = jax.vmap(per_example_grad)(x, y, drawn)[name]["kernel"].reshape(outer.shape)
+        np.testing.assert_allclose(outer, want, atol=1e-12)
+
+
+def test_patches_match_convolution():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, 3))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
+  want = jax.lax.conv_general_dilated(
+    x, k, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  got = C.patches(x, 3, 2) @ k.reshape(-1, 5)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sigmoid_ce_matches_optax():
+  import optax
+
+  z = jax.random.normal(jax.random.key(0), (4, 7)) * 3
+  y = jax.random.uniform(jax.random.key(1), (4, 7))
+  want = optax.sigmoid_binary_cross_entropy(z, y).sum(-1)
+  np.testing.assert_allclose(C.LOSSES["sigmoid_ce"][0](z, y), want, rtol=1e-5, atol=1e-5)
+
+
+def test_lr_as_argument_equals_lr_in_transformation():
+  import optax
+
+  layers = C.autoencoder((6, 4, 2, 4, 6))
+  params = C.init_params(layers, jax.random.key(0))
+  x = jax.random.uniform(jax.random.key(1), (8, 6))
+  spec = C.cgfac_spec("cg", 0.1, 1e-2, max_iters=3)
+  step, tx = C.make_step(layers, "sigmoid_ce", spec, "empirical")
+  got, _, _ = step(params, tx.init(params), x, x, jax.random.key(2), 0.1)
+  direct = spec.make(0.1)
+  _, grads, stats = C.value_grad_and_stats(layers, "sigmoid_ce", "empirical")(
+    params, x, x, jax.random.key(2)
+  )
+  updates, _ = direct.update(grads, direct.init(params), params, layer_stats=stats)
+  want = optax.apply_updates(params, updates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
