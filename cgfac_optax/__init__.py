@@ -1,12 +1,13 @@
 """CG-FAC: K-FAC natural gradients solved by conjugate gradient, as optax transformations."""
 
 from cgfac_optax._alias import cgfac
-from cgfac_optax._blocks import DenseStats
 from cgfac_optax._cg import CGResult, batched_cg
 from cgfac_optax._control import StepControlState
 from cgfac_optax._conv import conv_output_rows, conv_patches, conv_stats
 from cgfac_optax._damping import AdaptiveDamping
+from cgfac_optax._layers import DenseStats
 from cgfac_optax._plan import LayerPlan, Plan, plan
+from cgfac_optax._quadratic import CurvatureModel
 from cgfac_optax._transform import ScaleByCGFACState, scale_by_cgfac
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ def __getattr__(name: str):
 __all__ = [
   "AdaptiveDamping",
   "CGResult",
+  "CurvatureModel",
   "DenseStats",
   "LayerPlan",
   "Plan",

@@ -32,7 +32,10 @@ import jax.numpy as jnp
 
 
 class ScaledSum(NamedTuple):
-  """``mantissa * 2**exponent``, a non-negative number that may exceed the float range."""
+  """``mantissa * 2**exponent``, a non-negative number that may exceed the float range.
+
+  Sums of ``<x, grad>`` over layers and the clipping factor itself are kept this way.
+  """
 
   mantissa: jax.Array  # shape=(), float
   exponent: jax.Array  # shape=(), int32
@@ -56,17 +59,7 @@ def x_dot_grad(x_hats, b_hats, exponents) -> ScaledSum:
   return scaled_sum([jnp.sum(x * b) for x, b in zip(x_hats, b_hats)], [2 * e for e in exponents])
 
 
-class ClipFactor(NamedTuple):
-  """The factor ``c = mantissa * 2**exponent <= 1`` that scales every layer's step."""
-
-  mantissa: jax.Array  # shape=(), float
-  exponent: jax.Array  # shape=(), int32
-
-  def value(self) -> jax.Array:
-    return jnp.ldexp(self.mantissa, self.exponent)
-
-
-def kl_clip_factor(xg: ScaledSum, learning_rate, bound) -> ClipFactor:
+def kl_clip_factor(xg: ScaledSum, learning_rate, bound) -> ScaledSum:
   """``c = min(1, sqrt(bound / (lr^2 <x, grad>)))``, as a mantissa and a power of two.
 
   ``<x, grad> = 0`` (a zero gradient) gives ``c = 1``. The exponent of the sum
@@ -78,11 +71,12 @@ def kl_clip_factor(xg: ScaledSum, learning_rate, bound) -> ClipFactor:
   exponent = -(xg.exponent // 2)
   # c < 1 exactly when log2(mantissa) + exponent < 0; inf (nothing to clip) compares as no clip.
   clip = jnp.log2(mantissa) + exponent.astype(dtype) < 0
-  return ClipFactor(
+  return ScaledSum(
     mantissa=jnp.where(clip, mantissa, jnp.ones([], dtype)),
     exponent=jnp.where(clip, exponent, 0).astype(jnp.int32),
   )
 
 
-def no_clip(dtype) -> ClipFactor:
-  return ClipFactor(jnp.ones([], dtype), jnp.zeros([], jnp.int32))
+def no_clip(dtype) -> ScaledSum:
+  """The factor 1."""
+  return ScaledSum(jnp.ones([], dtype), jnp.zeros([], jnp.int32))

@@ -35,27 +35,8 @@ class StepControlState(NamedTuple):
   skipped: dict[str, jax.Array]  # shape=() each, dtype=int32
 
 
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def validate(damping, learning_rate, kl_clip) -> None:
-  """Checks the step-control options of :func:`scale_by_cgfac` (Python values only)."""
-  if kl_clip is not None and _is_number(kl_clip) and not kl_clip > 0:
-    raise ValueError(f"kl_clip must be None or > 0, got {kl_clip!r}")
-  if learning_rate is not None and _is_number(learning_rate) and not learning_rate > 0:
-    raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
-  needs = "kl_clip" if kl_clip is not None else None
-  if isinstance(damping, AdaptiveDamping):
-    needs = "adaptive damping"
-  if needs and learning_rate is None:
-    raise ValueError(
-      f"{needs} needs the learning rate that the chain applies after scale_by_cgfac: "
-      "pass scale_by_cgfac(..., learning_rate=lr) (cgfac_optax.cgfac does this)"
-    )
-
-
 def init(damping, paths) -> StepControlState:
+  """The first step's control state: nothing clipped or skipped yet."""
   start = damping.initial if isinstance(damping, AdaptiveDamping) else 0.0
   return StepControlState(
     damping=jnp.asarray(start, jnp.float32),
@@ -77,6 +58,7 @@ def damping_now(damping, state: StepControlState, count) -> Any:
 
 
 def check_adaptive_args(params, value, value_fn) -> None:
+  """Adaptive damping evaluates the loss at a probe point: it needs these extra arguments."""
   missing = [
     n for n, v in (("params", params), ("value", value), ("value_fn", value_fn)) if v is None
   ]

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cgfac_optax._blocks import DenseStats
+from cgfac_optax._layers import DenseStats
 
 Padding = str | Sequence[tuple[int, int]]
 

@@ -38,6 +38,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from cgfac_optax._options import check_int, check_number
+
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveDamping:
@@ -62,17 +64,18 @@ class AdaptiveDamping:
   def __post_init__(self):
     for name in ("initial", "minimum", "maximum"):
       value = getattr(self, name)
-      if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"AdaptiveDamping.{name} must be a number > 0, got {value!r}")
+      check_number(
+        f"AdaptiveDamping.{name}", value, lambda v: v > 0, "a number > 0", traced_ok=False
+      )
     if not self.minimum <= self.initial <= self.maximum:
       raise ValueError(
         "AdaptiveDamping needs minimum <= initial <= maximum, got "
         f"{self.minimum!r}, {self.initial!r}, {self.maximum!r}"
       )
-    if not isinstance(self.decay, (int, float)) or not 0 < self.decay < 1:
-      raise ValueError(f"AdaptiveDamping.decay must be in (0, 1), got {self.decay!r}")
-    if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
-      raise ValueError(f"AdaptiveDamping.interval must be an int >= 1, got {self.interval!r}")
+    check_number(
+      "AdaptiveDamping.decay", self.decay, lambda d: 0 < d < 1, "in (0, 1)", traced_ok=False
+    )
+    check_int("AdaptiveDamping.interval", self.interval, 1)
 
   @property
   def factor(self) -> float:

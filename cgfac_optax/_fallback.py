@@ -39,58 +39,45 @@ import jax
 import jax.numpy as jnp
 import optax
 
-FALLBACKS = ("diagonal", "identity", "error")
-
-
-def validate(fallback: str, decay) -> None:
-  if fallback not in FALLBACKS:
-    raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-  # An array decay (optax.inject_hyperparams) is the user's to check.
-  if isinstance(decay, bool) or (isinstance(decay, (int, float)) and not 0 <= decay < 1):
-    raise ValueError(f"fallback_decay must be a float in [0, 1), got {decay!r}")
-
 
 def init(params: Any, fallback: str) -> Any:
   """The fallback's state: the second moment like params, or ``None`` if it keeps none."""
   return optax.tree.zeros_like(params) if fallback == "diagonal" else None
 
 
-def apply(
+def updates(
   fallback: str,
   paths: Sequence[str],
   grads: Sequence[jax.Array],
-  out: list,
-  covered: set[int],
-  moments: list | None,
+  missing: Sequence[int],
+  moments: Sequence[jax.Array] | None,
   gamma,
   count: jax.Array,
-  decay: float,
-) -> None:
-  """Writes the fallback update of every uncovered leaf into ``out`` (and ``moments``).
+  decay,
+) -> tuple[dict[int, jax.Array], dict[int, jax.Array]]:
+  """The fallback update of each uncovered leaf, and the new moments, by leaf index.
 
   Raises:
     ValueError: for ``fallback="error"`` when some parameter is uncovered.
   """
-  missing = [i for i in range(len(grads)) if i not in covered]
-  if not missing:
-    return
+  if not missing or fallback == "identity":
+    return {i: grads[i] for i in missing}, {}
   if fallback == "error":
     listed = ", ".join(repr(paths[i]) for i in missing)
     raise ValueError(
       f"fallback='error': {len(missing)} parameter(s) have no curvature stats: {listed}. "
       "Pass stats for their layers, or choose fallback='diagonal' or 'identity'"
     )
-  if fallback == "identity":
-    return
   t = optax.safe_increment(count)
+  out, new_moments = {}, {}
   for i in missing:
-    g = grads[i]
+    g, m = grads[i], moments[i]
     dtype = jnp.promote_types(g.dtype, jnp.float32)
     g32, beta = g.astype(dtype), jnp.asarray(decay, dtype)
-    v = beta * moments[i].astype(dtype) + (1 - beta) * g32 * g32
+    v = beta * m.astype(dtype) + (1 - beta) * g32 * g32
     correction = 1 - beta ** t.astype(dtype)
-    u = g32 / (v / correction + jnp.asarray(gamma, dtype))
-    out[i] = u.astype(g.dtype)
+    out[i] = (g32 / (v / correction + jnp.asarray(gamma, dtype))).astype(g.dtype)
     # A non-finite gradient never reaches the state: the moment keeps its last value (the
     # update is non-finite, for optax.apply_if_finite to catch).
-    moments[i] = jnp.where(jnp.all(jnp.isfinite(v)), v, moments[i]).astype(moments[i].dtype)
+    new_moments[i] = jnp.where(jnp.all(jnp.isfinite(v)), v, m).astype(m.dtype)
+  return out, new_moments

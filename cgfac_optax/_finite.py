@@ -65,3 +65,9 @@ def unit_system(a: jax.Array, g: jax.Array, b: jax.Array, x0: jax.Array) -> Unit
   # A warm start that no longer fits the scale (or was never finite) is dropped, not clipped.
   x0_hat = jnp.where(ok & all_finite(x0_hat), x0_hat, 0)
   return UnitSystem(b=b_hat, x0=x0_hat, exponent=exponent, ok=ok)
+
+
+def zero_unless_finite(leaves: dict[int, jax.Array]) -> tuple[dict[int, jax.Array], jax.Array]:
+  """The leaves if every entry of all of them is finite, else zeros; and whether they were."""
+  finite = all_finite(*leaves.values())
+  return {i: jnp.where(finite, x, jnp.zeros_like(x)) for i, x in leaves.items()}, finite

@@ -1,4 +1,19 @@
-"""``scale_by_cgfac``: the CG-FAC preconditioner as an optax transformation."""
+"""``scale_by_cgfac``: the CG-FAC preconditioner as an optax transformation.
+
+One update is a short pipeline of named stages over the layers with stats, each
+a pure function of the one before:
+
+1. **match** the stats to the gradients' kernels and biases (:mod:`._layers`);
+2. **build** each layer's damped system: its solver (:mod:`._solvers`, chosen per
+   layer), the solver's curvature data, and the right-hand side and warm start
+   scaled by an exact power of two (:mod:`._finite`);
+3. **solve** every system: the iterative ones together in one batched CG
+   (:mod:`._cg`), the direct ones by their factorization;
+4. **clip** all layers' steps by one KL factor (:mod:`._clipping`);
+5. **write back** each layer's update and warm start, zero where not finite;
+6. the **fallback** update of every parameter without stats (:mod:`._fallback`);
+7. the **next damping** (a schedule's value, or adapted: :mod:`._damping`).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +22,28 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from cgfac_optax import _blocks, _clipping, _control, _damping, _fallback, _finite, _plan, _tree
-from cgfac_optax._blocks import DenseStats
+from cgfac_optax import (
+  _clipping,
+  _control,
+  _damping,
+  _fallback,
+  _finite,
+  _layers,
+  _memory,
+  _options,
+  _plan,
+  _quadratic,
+)
 from cgfac_optax._cg import batched_cg
+from cgfac_optax._clipping import ScaledSum
 from cgfac_optax._control import StepControlState
 from cgfac_optax._damping import AdaptiveDamping
-
-PRECONDITIONERS = (None, "jacobi")
+from cgfac_optax._layers import Layer
+from cgfac_optax._mesh import auto_axes_on_explicit_mesh
+from cgfac_optax._options import Fallback, Preconditioner, SolverOption
+from cgfac_optax._solvers import SOLVERS, Solver
 
 
 class ScaleByCGFACState(NamedTuple):
@@ -36,6 +63,13 @@ class ScaleByCGFACState(NamedTuple):
     fallback_moment: for ``fallback="diagonal"``, the EMA of squared gradients
       of the parameters without stats (zeros elsewhere), like params; ``None``
       for the other fallbacks.
+    curvature: with curvature memory, each factor-based layer's running
+      averages of ``A`` and ``G`` and their eigenbasis
+      (:class:`~cgfac_optax._memory.LayerMemory`); ``None`` without.
+    previous_update: with ``adaptive_step``, the last step ``delta`` (the
+      update added to the parameters); ``None`` without.
+    coefficients: with ``adaptive_step``, the last ``(alpha, mu)`` the
+      quadratic model chose; ``None`` without.
   """
 
   count: jax.Array  # shape=(), dtype=int32
@@ -44,104 +78,249 @@ class ScaleByCGFACState(NamedTuple):
   residual: dict[str, jax.Array]  # shape=() each, dtype=float32
   control: StepControlState
   fallback_moment: optax.Updates | None = None  # like params
+  curvature: dict[str, _memory.LayerMemory] | None = None  # per layer path
+  previous_update: optax.Updates | None = None  # like params
+  coefficients: jax.Array | None = None  # shape=(2,), dtype=float32
 
 
-class _Layer(NamedTuple):
-  path: str
-  kernel: int  # index of the kernel leaf in the flat gradients
-  bias: int | None  # index of the bias leaf, if any
-  stats: DenseStats
+class _System(NamedTuple):
+  """One layer's damped system ``(F + gamma I) x = b``, ready to solve."""
+
+  layer: Layer
+  solver: Solver
+  data: Any  # the solver's curvature data, damping included
+  unit: _finite.UnitSystem  # b and the warm start scaled by 2^-exponent; whether finite
+  memory: _memory.LayerMemory | None  # the layer's curvature memory after this step
 
 
-def _check_number(name: str, value: Any, ok, requirement: str) -> None:
-  # Traced or array values (inject_hyperparams, schedules) are checked by the user.
-  if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
-    raise ValueError(f"{name} must be {requirement}, got {value!r}")
+class _Solution(NamedTuple):
+  """One layer's solution on the scaled system, zero where it was not finite."""
+
+  x: jax.Array  # d_A x d_G
+  ok: jax.Array  # shape=(), bool: inputs and solution finite
+  iterations: jax.Array  # shape=(), int32 (0 for a direct solver)
+  residual: jax.Array  # shape=(), float32 (0 for a direct solver)
 
 
-def _validate(damping, max_iters, tol, solver, curvature_batch_size, preconditioner):
-  if not callable(damping):
-    _check_number("damping", damping, lambda d: d > 0, "> 0")
-  # An integer array is allowed: optax.inject_hyperparams turns every int option into one, and
-  # the CG loop takes a traced bound.
-  int_array = isinstance(max_iters, (jax.Array, np.ndarray)) and (
-    max_iters.ndim == 0 and jnp.issubdtype(max_iters.dtype, jnp.integer)
-  )
-  if isinstance(max_iters, bool) or not (isinstance(max_iters, int) or int_array):
-    raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
-  _check_number("max_iters", max_iters, lambda m: m >= 1, "an int >= 1")
-  _check_number("tol", tol, lambda t: t >= 0, ">= 0")
-  _plan.validate_solver(solver)
-  if curvature_batch_size is not None and (
-    not isinstance(curvature_batch_size, int) or curvature_batch_size < 1
-  ):
+class _Written(NamedTuple):
+  """One layer's leaves after the step, by leaf index."""
+
+  updates: dict[int, jax.Array]
+  solution: dict[int, jax.Array]
+  skipped: jax.Array  # shape=(), bool
+
+
+def _curvature(method: Solver, rows, memory, count, *, curvature_decay, refresh_every):
+  """What the solver prepares from, and the layer's memory after this step."""
+  if method.curvature == "rows":
+    return rows, None
+  batch = _memory.batch_factors(rows)
+  if memory is None:
+    basis = _memory.eigenbasis(batch) if method.uses_basis else None
+    return _memory.FactorCurvature(batch, basis), None
+  memory = _memory.update(memory, batch, curvature_decay, count, refresh_every)
+  return _memory.FactorCurvature(*memory), memory
+
+
+def _build_system(
+  layer,
+  grads,
+  warm,
+  gamma,
+  memory,
+  count,
+  *,
+  solver,
+  curvature_batch_size,
+  max_iters,
+  warm_start,
+  curvature_decay,
+  refresh_every,
+) -> _System:
+  dtype = jnp.promote_types(grads[layer.kernel].dtype, jnp.float32)
+  has_bias = layer.bias is not None
+  rows = _layers.curvature_rows(layer.stats, has_bias, curvature_batch_size, dtype)
+  shape = _layers.shape(layer.stats, has_bias, curvature_batch_size)
+  method = SOLVERS[_plan.layer_solver(solver, layer.path, shape, dtype, max_iters)]
+  if memory is not None and memory.factors.a.shape != (shape.d_a, shape.d_a):
     raise ValueError(
-      f"curvature_batch_size must be None or an int >= 1, got {curvature_batch_size!r}"
+      f"layer {layer.path!r}: curvature memory holds factors of widths "
+      f"{memory.factors.a.shape[0]} and {memory.factors.g.shape[0]} (from the kernel's "
+      f"shape at init, outputs on its last axis) but the stats give {shape.d_a} and "
+      f"{shape.d_g}; use a batch-only solver for this layer"
     )
-  if preconditioner not in PRECONDITIONERS:
-    raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+  curvature, memory = _curvature(
+    method, rows, memory, count, curvature_decay=curvature_decay, refresh_every=refresh_every
+  )
+  start = _layers.as_matrix(warm, layer, dtype)
+  unit = _finite.unit_system(
+    rows.a,
+    rows.g,
+    _layers.as_matrix(grads, layer, dtype),
+    start if warm_start else jnp.zeros_like(start),
+  )
+  return _System(layer, method, method.prepare(curvature, jnp.asarray(gamma, dtype)), unit, memory)
 
 
-def _match_layers(paths: list[str], leaves: list[jax.Array], layer_stats) -> list[_Layer]:
-  index = {p: i for i, p in enumerate(paths)}
-  layers = []
-  for path, stats in _tree.flatten_stats(layer_stats).items():
-    k = index.get(f"{path}/kernel" if path else "kernel")
-    if k is None:
-      raise ValueError(
-        f"layer_stats has stats at {path!r} but the gradients have no "
-        f"{path + '/kernel'!r}; stats must sit at the path of the layer's "
-        "parameter dict"
+def _solve(systems: list[_System], *, max_iters, tol, preconditioner) -> list[_Solution]:
+  """Solves every system: all iterative ones in one batched CG, each direct one by itself."""
+  iterative = [s for s in systems if s.solver.iterative]
+  if iterative:
+    precs = [_preconditioner(s, preconditioner) for s in iterative]
+    result = batched_cg(
+      [lambda v, s=s: s.solver.operator(s.data, v) for s in iterative],
+      [s.unit.b for s in iterative],
+      [s.unit.x0 for s in iterative],
+      max_iters=max_iters,
+      tol=tol,
+      preconditioners=precs,
+    )
+    by_cg = dict(zip(map(id, iterative), zip(result.x, result.iterations, result.residual)))
+  solutions = []
+  for s in systems:
+    if s.solver.iterative:
+      x, iterations, residual = by_cg[id(s)]
+      ok = s.unit.ok & jnp.isfinite(residual)
+    else:
+      x, iterations, residual = s.solver.solve(s.data, s.unit.b), 0, 0.0
+      ok = s.unit.ok
+    ok = ok & _finite.all_finite(x)
+    solutions.append(
+      _Solution(
+        jnp.where(ok, x, 0),
+        ok,
+        jnp.asarray(iterations, jnp.int32),
+        jnp.asarray(residual, jnp.float32),
       )
-    b = index.get(f"{path}/bias" if path else "bias")
-    kernel = leaves[k]
-    a, g = stats.inputs, stats.output_grads
-    if a.ndim < 2 or g.ndim < 2 or a.shape[:-1] != g.shape[:-1]:
+    )
+  return solutions
+
+
+def _preconditioner(system: _System, option):
+  """The solver's own preconditioner, else Jacobi when asked for, else none."""
+  own, data = system.solver.preconditioner, system.data
+  if own is not None:
+    return lambda r: own(data, r)
+  if option == "jacobi":
+    diagonal = system.solver.diagonal(data)
+    return lambda r: r / diagonal
+  return None
+
+
+def _x_dot_grad(systems: list[_System], solutions: list[_Solution]) -> ScaledSum:
+  return _clipping.x_dot_grad(
+    [x.x for x in solutions], [s.unit.b for s in systems], [s.unit.exponent for s in systems]
+  )
+
+
+def _write_back(system: _System, solution: _Solution, clip: ScaledSum, grads, warm) -> _Written:
+  """The layer's update (clipped) and warm start (unclipped), in the parameters' layout."""
+  e = system.unit.exponent
+  step = _finite.times_pow2(solution.x * clip.mantissa, e + clip.exponent)
+  updates, fits = _finite.zero_unless_finite(_layers.from_matrix(grads, system.layer, step))
+  solution_leaves, _ = _finite.zero_unless_finite(
+    _layers.from_matrix(warm, system.layer, _finite.times_pow2(solution.x, e))
+  )
+  return _Written(updates, solution_leaves, ~(solution.ok & fits))
+
+
+def _probe(param_leaves, updates, moved: set[int], learning_rate, treedef):
+  """``() -> params - lr * updates`` on the layers with stats (the adaptive-damping probe point)."""
+
+  def probe():
+    leaves = [
+      (p - learning_rate * u).astype(p.dtype) if i in moved else p
+      for i, (p, u) in enumerate(zip(param_leaves, updates))
+    ]
+    return treedef.unflatten(leaves)
+
+  return probe
+
+
+def _check_curvature_model(params, curvature_model) -> None:
+  if params is None or not isinstance(curvature_model, _quadratic.CurvatureModel):
+    raise ValueError(
+      "adaptive_step needs params and curvature_model=cgfac_optax.CurvatureModel(outputs_fn, "
+      "loss): call tx.update(grads, state, params, layer_stats=stats, curvature_model=...), "
+      "outputs_fn mapping params to the model's outputs on the curvature examples; "
+      f"got params={type(params).__name__}, curvature_model={curvature_model!r}"
+    )
+
+
+def _quadratic_step(out, grads, previous, params, model, gamma, treedef):
+  """``-delta`` by leaf, ``(alpha, mu)``, and the undamped model's change at ``delta``.
+
+  ``D = -out`` is the preconditioned direction (every parameter, fallback
+  included). A non-finite ``D`` or gradient makes the whole step zero.
+  """
+  direction = [-u for u in out]
+  finite = _finite.all_finite(*direction, *grads, *previous)
+  direction = [jnp.where(finite, d, 0) for d in direction]
+  previous = [jnp.where(finite, p, 0) for p in previous]
+  g = [jnp.where(finite, x, 0) for x in grads]
+  vectors = [treedef.unflatten(direction), treedef.unflatten(previous)]
+  undamped = _quadratic.gram(model, params, vectors)
+  dtype = undamped.dtype
+  dot = lambda xs, ys: sum(jnp.vdot(x.astype(dtype), y.astype(dtype)) for x, y in zip(xs, ys))
+  norms = jnp.array(
+    [[dot(direction, direction), dot(direction, previous)], [0.0, dot(previous, previous)]]
+  )
+  norms = norms.at[1, 0].set(norms[0, 1])
+  b = jnp.stack([dot(g, direction), dot(g, previous)])
+  damped = undamped + jnp.asarray(gamma, dtype) * norms
+  x, _ = _quadratic.step_coefficients(damped, b)
+  x = jnp.where(finite, x, 0)
+  predicted = 0.5 * x @ undamped @ x + b @ x
+  step = [(-(x[0] * d + x[1] * p)).astype(u.dtype) for d, p, u in zip(direction, previous, out)]
+  return step, x.astype(jnp.float32), predicted
+
+
+def _init_memory(params, solver) -> dict[str, _memory.LayerMemory]:
+  """Zero curvature memory for every layer whose solver uses the factors."""
+  paths, leaves, _ = _layers.leaf_paths(params)
+  leaf = dict(zip(paths, leaves))
+  out = {}
+  for path in _layers.layer_paths(params):
+    name = solver.get(path, "auto") if isinstance(solver, Mapping) else solver
+    if name == "auto":
       raise ValueError(
-        f"layer {path!r}: inputs {a.shape} and output_grads {g.shape} must be "
-        "(examples, ..., d) with the same leading dimensions"
+        f"curvature memory is allocated at init, before any stats, so layer {path!r} needs "
+        f"a named solver, not 'auto': pass solver= one of {list(SOLVERS)} (or a dict by path)"
       )
-    d_in, d_out = a.shape[-1], g.shape[-1]
-    if kernel.size != d_in * d_out or (kernel.ndim == 2 and kernel.shape[-1] != d_out):
-      raise ValueError(
-        f"layer {path!r}: kernel shape {kernel.shape} does not match stats with "
-        f"inputs (..., {d_in}) and output_grads (..., {d_out})"
-      )
-    if b is not None and leaves[b].size != d_out:
-      raise ValueError(
-        f"layer {path!r}: bias shape {leaves[b].shape} does not match output_grads (..., {d_out})"
-      )
-    layers.append(_Layer(path, k, b, stats))
-  return layers
+    method = SOLVERS[name]
+    if method.curvature != "factors":
+      continue
+    kernel = leaf[_layers.child(path, "kernel")]
+    d_g = kernel.shape[-1]
+    d_a = kernel.size // d_g + int(_layers.child(path, "bias") in leaf)
+    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    out[path] = _memory.init_layer(d_a, d_g, dtype, method.uses_basis)
+  return out
 
 
-def _as_matrix(leaves, layer: _Layer, dtype) -> jax.Array:
-  """The layer's kernel (and bias as the last row) as one ``d_A x d_G`` matrix."""
-  d_out = layer.stats.output_grads.shape[-1]
-  m = leaves[layer.kernel].reshape(-1, d_out).astype(dtype)
-  if layer.bias is not None:
-    m = jnp.concatenate([m, leaves[layer.bias].reshape(1, d_out).astype(dtype)], 0)
-  return m
+def _new_memory(old, systems: list[_System]):
+  if old is None:
+    return None
+  return {**old, **{s.layer.path: s.memory for s in systems if s.memory is not None}}
 
 
-def _from_matrix(out: list, leaves, layer: _Layer, m: jax.Array) -> None:
-  kernel = leaves[layer.kernel]
-  out[layer.kernel] = m[: kernel.size // m.shape[1]].reshape(kernel.shape).astype(kernel.dtype)
-  if layer.bias is not None:
-    bias = leaves[layer.bias]
-    out[layer.bias] = m[-1].reshape(bias.shape).astype(bias.dtype)
+def _check_solver_paths(solver, paths: list[str]) -> None:
+  if not isinstance(solver, Mapping):
+    return
+  unknown = sorted(set(solver) - set(_layers.layers_of(paths)))
+  if unknown:
+    raise ValueError(f"solver names layers the gradients do not have: {unknown}")
 
 
-def _curvature_rows(stats: DenseStats, has_bias: bool, batch_size, dtype):
-  a, g = stats.inputs, stats.output_grads
-  if batch_size is not None:
-    a, g = a[:batch_size], g[:batch_size]
-  scale_a, scale_g = _blocks.factor_scales(DenseStats(a, g))
-  a = _blocks.to_rows(a).astype(dtype)
-  g = _blocks.to_rows(g).astype(dtype)
-  if has_bias:
-    a = _blocks.append_ones(a)
-  return a, g, scale_a, scale_g
+def _check_layer_stats(layer_stats) -> None:
+  if layer_stats is None:
+    raise ValueError(
+      "scale_by_cgfac needs the layers' curvature stats: call "
+      "tx.update(grads, state, params, layer_stats=stats), with stats from "
+      "cgfac_optax.flax.value_grad_and_stats (Linen), "
+      "cgfac_optax.flax.nnx_value_grad_and_stats (NNX), or built by hand as "
+      "{layer path: cgfac_optax.DenseStats(inputs, output_grads)}"
+    )
 
 
 def scale_by_cgfac(
@@ -149,14 +328,17 @@ def scale_by_cgfac(
   *,
   max_iters: int = 10,
   tol: float = 1e-3,
-  solver: str | Mapping[str, str] = "cg",
+  solver: SolverOption = "cg",
   warm_start: bool = True,
   curvature_batch_size: int | None = None,
-  preconditioner: str | None = None,
+  preconditioner: Preconditioner | None = None,
   learning_rate: float | jax.Array | optax.Schedule | None = None,
   kl_clip: float | jax.Array | None = None,
-  fallback: str = "diagonal",
+  fallback: Fallback = "diagonal",
   fallback_decay: float | jax.Array = 0.95,
+  curvature_decay: float | jax.Array = 0.0,
+  refresh_every: int = 1,
+  adaptive_step: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients by the damped K-FAC Fisher, solved with CG.
 
@@ -237,6 +419,21 @@ def scale_by_cgfac(
       ``"identity"`` (the gradient unchanged) or ``"error"`` (raise, listing
       them); see :mod:`cgfac_optax._fallback`.
     fallback_decay: EMA decay of the ``"diagonal"`` fallback's second moment.
+    curvature_decay: decay ``beta`` of the running averages of the factors
+      ``A`` and ``G`` kept in the state for the factor-based solvers
+      (``"cg_materialized"``, ``"eigh"``, ``"pcg"``); ``0`` uses each batch's
+      curvature alone. See :mod:`cgfac_optax._memory`.
+    refresh_every: with ``"eigh"`` and ``"pcg"``, recompute the factors'
+      eigenbasis on steps ``0, 1, 2, 4, ...`` below this, then every this-many
+      steps; ``1`` decomposes every step.
+    adaptive_step: choose the step size and momentum from the local quadratic
+      model (:mod:`cgfac_optax._quadratic`): the output is then the whole
+      step ``-delta`` with ``delta = alpha D + mu delta_prev`` (``D`` the
+      negated preconditioned gradient), to be negated by the chain with no
+      learning rate or momentum after it (:func:`cgfac` does this when its
+      ``learning_rate`` is ``None``). ``update`` then also needs
+      ``curvature_model=`` (:class:`CurvatureModel`), and ``learning_rate``
+      and ``kl_clip`` must be ``None``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -269,13 +466,37 @@ def scale_by_cgfac(
     Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored
     Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
   """
-  _validate(damping, max_iters, tol, solver, curvature_batch_size, preconditioner)
-  _control.validate(damping, learning_rate, kl_clip)
-  _fallback.validate(fallback, fallback_decay)
   adaptive = isinstance(damping, AdaptiveDamping)
+  _options.validate(
+    damping=damping,
+    adaptive=adaptive,
+    max_iters=max_iters,
+    tol=tol,
+    solver=solver,
+    curvature_batch_size=curvature_batch_size,
+    preconditioner=preconditioner,
+    learning_rate=learning_rate,
+    kl_clip=kl_clip,
+    fallback=fallback,
+    fallback_decay=fallback_decay,
+    curvature_decay=curvature_decay,
+    refresh_every=refresh_every,
+    adaptive_step=adaptive_step,
+  )
+  build = dict(
+    solver=solver,
+    curvature_batch_size=curvature_batch_size,
+    max_iters=max_iters,
+    warm_start=warm_start,
+    curvature_decay=curvature_decay,
+    refresh_every=refresh_every,
+  )
+  with_memory = refresh_every > 1 or not (
+    _options.is_number(curvature_decay) and curvature_decay == 0
+  )
 
   def init_fn(params):
-    paths = _tree.layer_paths(params)
+    paths = _layers.layer_paths(params)
     return ScaleByCGFACState(
       count=jnp.zeros([], jnp.int32),
       solution=optax.tree.zeros_like(params),
@@ -283,192 +504,116 @@ def scale_by_cgfac(
       residual={p: jnp.zeros([], jnp.float32) for p in paths},
       control=_control.init(damping, paths),
       fallback_moment=_fallback.init(params, fallback),
+      curvature=_init_memory(params, solver) if with_memory else None,
+      previous_update=optax.tree.zeros_like(params) if adaptive_step else None,
+      coefficients=jnp.zeros([2], jnp.float32) if adaptive_step else None,
     )
 
   def update_fn(
-    updates, state, params=None, *, layer_stats=None, value=None, value_fn=None, **extra_args
+    updates,
+    state,
+    params=None,
+    *,
+    layer_stats=None,
+    value=None,
+    value_fn=None,
+    curvature_model=None,
+    **extra_args,
   ):
     del extra_args
-    if layer_stats is None:
-      raise ValueError(
-        "scale_by_cgfac needs the layers' curvature stats: call "
-        "tx.update(grads, state, params, layer_stats=stats), with stats from "
-        "cgfac_optax.flax.value_grad_and_stats (Linen), "
-        "cgfac_optax.flax.nnx_value_grad_and_stats (NNX), or built by hand as "
-        "{layer path: cgfac_optax.DenseStats(inputs, output_grads)}"
-      )
+    _check_layer_stats(layer_stats)
+    if adaptive_step:
+      _check_curvature_model(params, curvature_model)
     if adaptive:
       _control.check_adaptive_args(params, value, value_fn)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    paths = [_tree.path_str(p) for p, _ in flat]
-    grads = [leaf for _, leaf in flat]
-    sol_leaves = treedef.flatten_up_to(state.solution)
-    layers = _match_layers(paths, grads, layer_stats)
+    paths, grads, treedef = _layers.leaf_paths(updates)
+    warm = treedef.flatten_up_to(state.solution)
+    layers = _layers.match(paths, grads, layer_stats)
     _check_solver_paths(solver, paths)
     gamma = _control.damping_now(damping, state.control, state.count)
 
-    iterations = dict(state.iterations)
-    residual = dict(state.residual)
-    systems, x_hats = [], []
-    rhs, x0, ops, precs, iterative = [], [], [], [], []
-    for layer in layers:
-      dtype = jnp.promote_types(grads[layer.kernel].dtype, jnp.float32)
-      a, g, sa, sg = _curvature_rows(
-        layer.stats, layer.bias is not None, curvature_batch_size, dtype
-      )
-      start = _as_matrix(sol_leaves, layer, dtype)
-      system = _finite.unit_system(
-        a, g, _as_matrix(grads, layer, dtype), start if warm_start else jnp.zeros_like(start)
-      )
-      systems.append(system)
-      gam = jnp.asarray(gamma, dtype)
-      name = _plan.layer_solver(solver, layer.path, *a.shape, g.shape[1], dtype, max_iters)
-      method = _blocks.SOLVERS[name]
-      data = method.prepare(a, g, sa, sg)
-      if method.iterative:
-        ops.append(lambda v, data=data, gam=gam, f=method.apply: f(data, v) + gam * v)
-        if preconditioner == "jacobi":
-          diag = _blocks.jacobi_diagonal(a, g, sa, sg) + gam
-          precs.append(lambda r, diag=diag: r / diag)
-        else:
-          precs.append(None)
-        rhs.append(system.b)
-        x0.append(system.x0)
-        iterative.append(len(x_hats))
-        x_hats.append(None)
-      else:
-        x_hats.append(method.apply(data, system.b, gam))
-
-    ok = [system.ok for system in systems]
-    if iterative:
-      result = batched_cg(ops, rhs, x0, max_iters=max_iters, tol=tol, preconditioners=precs)
-      for j, i in enumerate(iterative):
-        x_hats[i] = result.x[j]
-        ok[i] = ok[i] & jnp.isfinite(result.residual[j])
-        if layers[i].path in iterations:
-          iterations[layers[i].path] = result.iterations[j]
-          residual[layers[i].path] = result.residual[j].astype(jnp.float32)
-    ok = [o & _finite.all_finite(x) for o, x in zip(ok, x_hats)]
-    x_hats = [jnp.where(o, x, 0) for o, x in zip(ok, x_hats)]
-    exponents = [system.exponent for system in systems]
-
+    memory = state.curvature or {}
+    systems = [
+      _build_system(layer, grads, warm, gamma, memory.get(layer.path), state.count, **build)
+      for layer in layers
+    ]
+    solutions = _solve(systems, max_iters=max_iters, tol=tol, preconditioner=preconditioner)
     lr = _control.at_count(learning_rate, state.count)
     clip = _clipping.no_clip(jnp.float32)
-    if layers and (kl_clip is not None or adaptive):
-      xg = _clipping.x_dot_grad(x_hats, [system.b for system in systems], exponents)
-      if kl_clip is not None:
-        clip = _clipping.kl_clip_factor(xg, lr, kl_clip)
+    if layers and kl_clip is not None:
+      clip = _clipping.kl_clip_factor(_x_dot_grad(systems, solutions), lr, kl_clip)
+    written = [_write_back(s, x, clip, grads, warm) for s, x in zip(systems, solutions)]
 
-    out = list(grads)
-    new_sol = list(sol_leaves)
-    skipped = dict(state.control.skipped)
-    for layer, x_hat, e, o in zip(layers, x_hats, exponents, ok):
-      written = _write_finite(
-        out, grads, layer, _finite.times_pow2(x_hat * clip.mantissa, e + clip.exponent)
-      )
-      _write_finite(new_sol, sol_leaves, layer, _finite.times_pow2(x_hat, e))
-      skip = ~(o & written)
-      if layer.path in skipped:
-        skipped[layer.path] = skipped[layer.path] + skip.astype(jnp.int32)
-        iterations[layer.path] = jnp.where(skip, 0, iterations[layer.path])
-        residual[layer.path] = jnp.where(skip, 1, residual[layer.path]).astype(jnp.float32)
-
-    covered = {i for layer in layers for i in (layer.kernel, layer.bias) if i is not None}
-    moments = None
-    if state.fallback_moment is not None:
-      moments = treedef.flatten_up_to(state.fallback_moment)
-    _fallback.apply(
-      fallback, paths, grads, out, covered, moments, gamma, state.count, fallback_decay
+    out, new_warm = list(grads), list(warm)
+    for w in written:
+      for i, leaf in w.updates.items():
+        out[i] = leaf
+      for i, leaf in w.solution.items():
+        new_warm[i] = leaf
+    covered = _layers.covered(layers)
+    missing = [i for i in range(len(grads)) if i not in covered]
+    moments = state.fallback_moment
+    moments = None if moments is None else treedef.flatten_up_to(moments)
+    fallback_out, new_moments = _fallback.updates(
+      fallback, paths, grads, missing, moments, gamma, state.count, fallback_decay
     )
+    for i, leaf in fallback_out.items():
+      out[i] = leaf
+    if moments is not None:
+      moments = [new_moments.get(i, m) for i, m in enumerate(moments)]
 
-    next_damping = jnp.asarray(gamma, jnp.float32)
     # A schedule may return a bad value; the state keeps the last good one.
+    next_damping = jnp.asarray(gamma, jnp.float32)
     next_damping = jnp.where(jnp.isfinite(next_damping), next_damping, state.control.damping)
-    if adaptive and layers:
-      x_sq = _clipping.scaled_sum([jnp.sum(x * x) for x in x_hats], [2 * e for e in exponents])
+    coefficients, previous = state.coefficients, state.previous_update
+    if adaptive_step:
+      out, coefficients, predicted = _quadratic_step(
+        out, grads, treedef.flatten_up_to(previous), params, curvature_model, gamma, treedef
+      )
+      previous = treedef.unflatten([-u for u in out])
+      if adaptive and layers:
+        param_leaves = treedef.flatten_up_to(params)
+        probe = lambda: treedef.unflatten(
+          [(p - u).astype(p.dtype) for p, u in zip(param_leaves, out)]
+        )
+        next_damping = _control.adapted_damping(
+          damping, state.count, next_damping, value, value_fn, probe, predicted
+        )
+    elif adaptive and layers:
+      x_sq = _clipping.scaled_sum(
+        [jnp.sum(x.x * x.x) for x in solutions], [2 * s.unit.exponent for s in systems]
+      )
       step = jnp.asarray(lr, jnp.float32) * clip.value()
-      predicted = _damping.predicted_change(xg.value(), x_sq.value(), next_damping, step)
-      probe = _probe(treedef.flatten_up_to(params), out, layers, lr, treedef)
+      predicted = _damping.predicted_change(
+        _x_dot_grad(systems, solutions).value(), x_sq.value(), next_damping, step
+      )
+      probe = _probe(treedef.flatten_up_to(params), out, covered, lr, treedef)
       next_damping = _control.adapted_damping(
         damping, state.count, next_damping, value, value_fn, probe, predicted
       )
 
+    iterations, residual, skipped = (
+      dict(state.iterations),
+      dict(state.residual),
+      dict(state.control.skipped),
+    )
+    for layer, x, w in zip(layers, solutions, written):
+      iterations[layer.path] = jnp.where(w.skipped, 0, x.iterations)
+      residual[layer.path] = jnp.where(w.skipped, 1, x.residual).astype(jnp.float32)
+      skipped[layer.path] = skipped[layer.path] + w.skipped.astype(jnp.int32)
     new_state = ScaleByCGFACState(
       count=optax.safe_increment(state.count),
-      solution=treedef.unflatten(new_sol),
+      solution=treedef.unflatten(new_warm),
       iterations=iterations,
       residual=residual,
       control=StepControlState(
         damping=next_damping, clip=clip.value().astype(jnp.float32), skipped=skipped
       ),
       fallback_moment=None if moments is None else treedef.unflatten(moments),
+      curvature=_new_memory(state.curvature, systems),
+      previous_update=previous,
+      coefficients=coefficients,
     )
     return treedef.unflatten(out), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, _auto_axes_on_explicit_mesh(update_fn))
-
-
-def _auto_axes_on_explicit_mesh(update_fn):
-  """Runs ``update_fn`` with the context mesh's axes in Auto mode when some are Explicit.
-
-  The curvature products contract over the batch rows, which a data-parallel mesh shards; a
-  mesh with Explicit axes (``jax.make_mesh``'s default) asks for an output sharding at each
-  such contraction. With the axes in Auto mode the partitioner places the collectives, and
-  the update and the new state come back in the layout of the gradients and the old state.
-  Without a mesh, or with Auto axes only, ``update_fn`` runs as it is. ``value_fn`` (a
-  function of params-like arrays, which may close over the caller's explicitly sharded batch)
-  runs back in Explicit mode, its argument laid out like ``params``.
-  """
-
-  def wrapped(updates, state, params=None, **kwargs):
-    if not getattr(jax.sharding.get_abstract_mesh(), "explicit_axes", ()):
-      return update_fn(updates, state, params, **kwargs)
-    # Specs, read against the context mesh (arrays placed without one read as replicated).
-    sharding_of = lambda tree: jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
-    out_sharding = sharding_of((updates, state))
-    fns = {
-      k: jax.sharding.explicit_axes(v, in_sharding=(sharding_of(params),))
-      for k, v in kwargs.items()
-      if callable(v)
-    }
-    arrays = {k: v for k, v in kwargs.items() if k not in fns}
-    solve = lambda u, s, p, arrays: update_fn(u, s, p, **arrays, **fns)
-    return jax.sharding.auto_axes(solve, out_sharding=out_sharding)(updates, state, params, arrays)
-
-  return wrapped
-
-
-def _check_solver_paths(solver, paths: list[str]) -> None:
-  if not isinstance(solver, Mapping):
-    return
-  layers = {p.rpartition("/")[0] for p in paths if p.rpartition("/")[2] == "kernel"}
-  unknown = sorted(set(solver) - layers)
-  if unknown:
-    raise ValueError(f"solver names layers the gradients do not have: {unknown}")
-
-
-def _write_finite(out, leaves, layer: _Layer, m: jax.Array) -> jax.Array:
-  """Writes one layer's matrix in the leaves' shapes and dtypes; zeros unless all of it is finite.
-
-  Returns whether it was finite (after the cast: 1e5 fits float32 but not float16).
-  """
-  cast = {}
-  _from_matrix(cast, leaves, layer, m)
-  finite = _finite.all_finite(*cast.values())
-  for i, c in cast.items():
-    out[i] = jnp.where(finite, c, jnp.zeros_like(c))
-  return finite
-
-
-def _probe(param_leaves, updates, layers, learning_rate, treedef):
-  """``() -> params - lr * updates`` on the layers with stats (the adaptive-damping probe point)."""
-  moved = {i for layer in layers for i in (layer.kernel, layer.bias) if i is not None}
-
-  def probe():
-    leaves = [
-      (p - learning_rate * u).astype(p.dtype) if i in moved else p
-      for i, (p, u) in enumerate(zip(param_leaves, updates))
-    ]
-    return treedef.unflatten(leaves)
-
-  return probe
+  return optax.GradientTransformationExtraArgs(init_fn, auto_axes_on_explicit_mesh(update_fn))

@@ -24,9 +24,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cgfac_optax import _tree
-from cgfac_optax._blocks import DenseStats
-from cgfac_optax.flax import _losses
+from cgfac_optax import _layers, _losses
+from cgfac_optax._layers import DenseStats, path_str
 from cgfac_optax.flax._rules import RULES
 
 
@@ -40,12 +39,8 @@ class Use(NamedTuple):
   output: jax.ShapeDtypeStruct  # the call's output, for its zero perturbation
 
 
-def path_name(path: tuple) -> str:
-  return "/".join(str(p) for p in path)
-
-
 def use_key(path: tuple, index: int) -> str:
-  return f"{path_name(path)}#{index}"
+  return f"{path_str(path)}#{index}"
 
 
 class Recorder:
@@ -79,7 +74,7 @@ def apply_rule(fn: Callable, module: Any, x: jax.Array, path: tuple) -> jax.Arra
   try:
     return fn(module, x)
   except ValueError as e:
-    raise ValueError(f"layer {path_name(path)!r} ({type(module).__name__}): {e}") from e
+    raise ValueError(f"layer {path_str(path)!r} ({type(module).__name__}): {e}") from e
 
 
 def _class_name(cls: type) -> str:
@@ -118,7 +113,7 @@ def _merge_uses(path: tuple, parts: list[tuple[jax.Array, jax.Array]], examples:
   for a, g in parts:
     if a.shape[0] != examples or g.shape[0] != examples or a.shape[:-1] != g.shape[:-1]:
       raise ValueError(
-        f"layer {path_name(path)!r}: inputs of shape {a.shape} and output gradients of shape "
+        f"layer {path_str(path)!r}: inputs of shape {a.shape} and output gradients of shape "
         f"{g.shape}; both must be (examples, ..., d) with examples = {examples}, the batch "
         "size of the targets (the leading axis of every captured layer's input must be the "
         "examples axis)"
@@ -134,7 +129,7 @@ def _nest(flat: dict[tuple, Any]) -> Any:
   if () in flat:  # the model is itself one layer: its stats are the whole tree
     if len(flat) > 1:
       raise ValueError(
-        f"the root module is a captured layer but so are {sorted(map(path_name, flat))[1:]}; "
+        f"the root module is a captured layer but so are {sorted(map(path_str, flat))[1:]}; "
         "a layer's stats cannot sit above another layer's"
       )
     return flat[()]
@@ -194,7 +189,7 @@ def run(
     seen = inputs_shape.get(key)
     if seen is None or tuple(seen.shape) != use.inputs_shape:
       raise ValueError(
-        f"layer {path_name(use.path)!r} sees inputs of shape {use.inputs_shape} inside its "
+        f"layer {path_str(use.path)!r} sees inputs of shape {use.inputs_shape} inside its "
         f"call but they come out of the forward pass as "
         f"{None if seen is None else tuple(seen.shape)}: the layer runs inside a "
         "transformation that maps or stacks over it (nn.scan, nn.vmap, ...), whose "
@@ -240,13 +235,13 @@ def run(
   parts: dict[tuple, list] = {}
   for key, use in sorted(recorder.uses.items(), key=lambda kv: kv[1].index):
     parts.setdefault(use.path, []).append((inputs[key], use.output_grads(output_grads[key])))
-  layers = set(_tree.layer_paths(params))
+  layers = set(_layers.layer_paths(params))
   stats = {}
   for path, uses in parts.items():
-    if path_name(path) not in layers:
+    if path_str(path) not in layers:
       raise ValueError(
-        f"layer {path_name(path)!r} is called in the forward pass but the params have no "
-        f"{path_name(path) + '/kernel'!r}; its stats would have no parameters to precondition"
+        f"layer {path_str(path)!r} is called in the forward pass but the params have no "
+        f"{path_str(path) + '/kernel'!r}; its stats would have no parameters to precondition"
       )
     stats[path] = _merge_uses(path, uses, examples)
   return value, grads, _nest(stats), aux

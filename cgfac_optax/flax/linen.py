@@ -21,7 +21,8 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
-from cgfac_optax.flax import _capture, _losses
+from cgfac_optax import _layers, _losses
+from cgfac_optax.flax import _capture
 from cgfac_optax.flax._rules import find_rule
 
 INPUTS = "cgfac_inputs"
@@ -37,7 +38,7 @@ def _interceptor(recorder: _capture.Recorder):
     path = tuple(module.scope.path)
     if not module.is_mutable_collection(INPUTS):
       raise ValueError(
-        f"layer {_capture.path_name(path)!r} ({type(module).__name__}) is called inside a Flax "
+        f"layer {_layers.path_str(path)!r} ({type(module).__name__}) is called inside a Flax "
         f"lifted transformation (nn.scan, nn.vmap, ...) that does not pass the {INPUTS!r} "
         "collection through, so its curvature stats cannot be captured; call the layer "
         "outside the transformation (nn.remat and nn.jit are supported)"

@@ -18,7 +18,8 @@ import jax
 from flax import nnx
 from flax.nnx import tracers
 
-from cgfac_optax.flax import _capture, _losses
+from cgfac_optax import _layers, _losses
+from cgfac_optax.flax import _capture
 from cgfac_optax.flax._rules import find_rule
 
 _ACTIVE: list[_Capture] = []
@@ -46,7 +47,7 @@ def _wrap(call):
     # the layer runs inside a transformation and its rows cannot leave it.
     if capture.paths.get(id(self)) != path or tracers.current_jax_trace() != capture.trace:
       raise ValueError(
-        f"layer {_capture.path_name(path)!r} ({type(self).__name__}) is called inside a "
+        f"layer {_layers.path_str(path)!r} ({type(self).__name__}) is called inside a "
         "JAX/NNX transformation within the model (nnx.scan, nnx.vmap, nnx.remat, "
         "jax.lax.scan, ...), where its curvature stats cannot be captured; call the layer "
         "outside the transformation"

@@ -15,6 +15,14 @@ means), any axes between the first and the last are positions. The
 
 ``sample(key, outputs)`` draws targets from the model's predictive
 distribution, for the true (sampled) Fisher.
+
+``output_hvp(outputs, tangent)`` multiplies a tangent shaped like the outputs
+by the Hessian of the *batch* loss (the mean of the per-example losses over
+the ``examples`` axis) with respect to the outputs. For these three losses
+that Hessian is the output Fisher above, scaled by
+``1 / (examples * positions)``, block-diagonal over examples and positions and
+free of the targets, so no targets are needed (and the Gauss-Newton matrix
+built from it is the exact Fisher).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ class LossKind(NamedTuple):
   sample: Callable[[jax.Array, jax.Array], jax.Array]  # (key, outputs) -> targets
   targets_shape: Callable[[tuple], tuple]  # outputs shape -> expected targets shape
   integer_targets: bool
+  output_hvp: Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, tangent) -> like outputs
 
 
 def _position_mean(x: jax.Array) -> jax.Array:
@@ -51,24 +60,56 @@ def _squared_error(outputs, targets):
   return _position_mean(0.5 * jnp.sum(jnp.square(outputs - targets), axis=-1))
 
 
+def _hvp_dtype(outputs, tangent):
+  # Probabilities near 0 or 1 lose all their digits in float16/bfloat16.
+  return jnp.promote_types(jnp.result_type(outputs, tangent), jnp.float32)
+
+
+def _batch_scale(outputs: jax.Array) -> float:
+  """``1 / (examples * positions)``: the weight of one position in the batch loss."""
+  return 1.0 / (outputs.size // outputs.shape[-1])
+
+
+def _cross_entropy_hvp(outputs, tangent):
+  dtype = _hvp_dtype(outputs, tangent)
+  p = jax.nn.softmax(outputs.astype(dtype), axis=-1)
+  v = tangent.astype(dtype)
+  # (diag(p) - p p^T) v without forming the k x k matrix.
+  hv = p * (v - jnp.sum(p * v, axis=-1, keepdims=True))
+  return hv * _batch_scale(outputs)
+
+
+def _binary_cross_entropy_hvp(outputs, tangent):
+  dtype = _hvp_dtype(outputs, tangent)
+  p = jax.nn.sigmoid(outputs.astype(dtype))
+  return p * (1 - p) * tangent.astype(dtype) * _batch_scale(outputs)
+
+
+def _squared_error_hvp(outputs, tangent):
+  return tangent.astype(_hvp_dtype(outputs, tangent)) * _batch_scale(outputs)
+
+
 LOSSES: dict[str, LossKind] = {
   "softmax_cross_entropy": LossKind(
     _cross_entropy,
     lambda key, y: jax.random.categorical(key, y, axis=-1),
     lambda shape: shape[:-1],
     True,
+    _cross_entropy_hvp,
   ),
   "sigmoid_binary_cross_entropy": LossKind(
     _binary_cross_entropy,
     lambda key, y: jax.random.bernoulli(key, jax.nn.sigmoid(y)).astype(y.dtype),
     lambda shape: shape,
     False,
+    _binary_cross_entropy_hvp,
   ),
   "squared_error": LossKind(
     _squared_error,
     lambda key, y: y + jax.random.normal(key, y.shape, y.dtype),
     lambda shape: shape,
     False,
+    _squared_error_hvp,
   ),
 }
 

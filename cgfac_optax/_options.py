@@ -1,0 +1,132 @@
+"""The options of :func:`scale_by_cgfac`: their types, and one check of them at construction.
+
+Python values are checked here, once, when the transformation is built, with the
+offending value in the message. Arrays (what ``optax.inject_hyperparams`` turns
+options into) and schedules are traced values that cannot be checked here.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, get_args
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cgfac_optax._solvers import SOLVERS
+
+Preconditioner = Literal["jacobi"]
+PRECONDITIONERS = (None, *get_args(Preconditioner))
+
+Fallback = Literal["diagonal", "identity", "error"]
+FALLBACKS = get_args(Fallback)
+
+# A solver name (a key of SOLVERS), "auto", or {layer path: either}.
+SolverOption = str | Mapping[str, str]
+
+
+def is_number(value: Any) -> bool:
+  """A Python (or NumPy scalar) real number, not a bool: a value that can be checked now."""
+  return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_number(
+  name: str, value: Any, ok: Callable[[Any], bool], requirement: str, *, traced_ok: bool = True
+) -> None:
+  """Raises ``ValueError`` when ``value`` is a number for which ``ok`` fails.
+
+  Anything that is not a number (an array, a schedule) passes when ``traced_ok``, and
+  fails otherwise.
+  """
+  if (not is_number(value) and not traced_ok) or (is_number(value) and not ok(value)):
+    raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+  """Raises unless ``value`` is an int ``>= minimum`` (or None when ``optional``)."""
+  if optional and value is None:
+    return
+  if not is_int(value) or value < minimum:
+    none = "None or " if optional else ""
+    raise ValueError(f"{name} must be {none}an int >= {minimum}, got {value!r}")
+
+
+def _check_max_iters(max_iters: Any) -> None:
+  # An integer array is allowed: optax.inject_hyperparams turns every int option into one, and
+  # the CG loop takes a traced bound.
+  if isinstance(max_iters, (jax.Array, np.ndarray)):
+    if max_iters.ndim == 0 and jnp.issubdtype(max_iters.dtype, jnp.integer):
+      return
+    raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
+  check_int("max_iters", max_iters, 1)
+
+
+def check_solver(solver: Any) -> None:
+  """A ``solver`` option: a name in the solver table, ``"auto"`` or ``{layer path: name}``."""
+  allowed = (*SOLVERS, "auto")
+  if isinstance(solver, Mapping):
+    bad = {p: s for p, s in solver.items() if s not in allowed}
+    if bad:
+      raise ValueError(f"solver values must be 'auto' or one of {list(SOLVERS)}, got {bad!r}")
+  elif not isinstance(solver, str) or solver not in allowed:
+    raise ValueError(
+      f"solver must be 'auto', one of {list(SOLVERS)}, or a dict of them by layer path, "
+      f"got {solver!r}"
+    )
+
+
+def validate(
+  *,
+  damping,
+  adaptive: bool,
+  max_iters,
+  tol,
+  solver,
+  curvature_batch_size,
+  preconditioner,
+  learning_rate,
+  kl_clip,
+  fallback,
+  fallback_decay,
+  curvature_decay,
+  refresh_every,
+  adaptive_step,
+) -> None:
+  """Checks every option of :func:`scale_by_cgfac` that is a Python value."""
+  if not callable(damping):
+    check_number("damping", damping, lambda d: d > 0, "> 0")
+  _check_max_iters(max_iters)
+  check_number("tol", tol, lambda t: t >= 0, ">= 0")
+  check_solver(solver)
+  check_int("curvature_batch_size", curvature_batch_size, 1, optional=True)
+  if preconditioner not in PRECONDITIONERS:
+    raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+  if kl_clip is not None:
+    check_number("kl_clip", kl_clip, lambda k: k > 0, "None or > 0")
+  if learning_rate is not None:
+    check_number("learning_rate", learning_rate, lambda lr: lr > 0, "> 0")
+  if adaptive_step and (learning_rate is not None or kl_clip is not None):
+    raise ValueError(
+      "adaptive_step chooses the step size from the quadratic model: learning_rate and "
+      f"kl_clip must be None, got learning_rate={learning_rate!r}, kl_clip={kl_clip!r}"
+    )
+  needs = "adaptive damping" if adaptive and not adaptive_step else None
+  needs = needs or ("kl_clip" if kl_clip is not None else None)
+  if needs and learning_rate is None:
+    raise ValueError(
+      f"{needs} needs the learning rate that the chain applies after scale_by_cgfac: "
+      "pass scale_by_cgfac(..., learning_rate=lr) (cgfac_optax.cgfac does this)"
+    )
+  if fallback not in FALLBACKS:
+    raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+  if isinstance(fallback_decay, bool):
+    raise ValueError(f"fallback_decay must be a float in [0, 1), got {fallback_decay!r}")
+  check_number("fallback_decay", fallback_decay, lambda b: 0 <= b < 1, "a float in [0, 1)")
+  check_number("curvature_decay", curvature_decay, lambda b: 0 <= b < 1, "in [0, 1)")
+  check_int("refresh_every", refresh_every, 1)

@@ -1,0 +1,133 @@
+r"""What every solver is: one record with its functions and its costs.
+
+A solver applies ``(F + \gamma I)^{-1}`` for one layer's Kronecker block
+``F = A \otimes G`` (``V -> A V G`` on a ``d_A x d_G`` matrix ``V``), damping
+``\gamma`` included. It comes in one of two kinds:
+
+- *iterative*: ``prepare`` builds the curvature data (damping included) once
+  per step, and conjugate gradient runs on ``operator(data, V) = (F + \gamma I) V``,
+  preconditioned by the solver's own ``preconditioner`` if it has one, else
+  optionally by ``diagonal(data) = diag(F + \gamma I)`` (Jacobi);
+- *direct*: ``prepare`` factorizes once per step and ``solve(data, V)`` returns
+  ``(F + \gamma I)^{-1} V`` exactly.
+
+A solver prepares from one of two kinds of curvature: the batch's rows
+(:class:`~cgfac_optax._layers.CurvatureRows`: matrix-free, batch-only) or the
+factors ``A`` and ``G`` themselves, with their eigenbasis when the solver uses
+one (:class:`~cgfac_optax._memory.FactorCurvature`): formed from the batch, or
+running averages kept in the optimizer state (:mod:`cgfac_optax._memory`).
+
+Next to its functions, a record carries its cost model for one layer of shape
+:class:`~cgfac_optax._layers.LayerShape` (``B`` rows, ``n = d_A d_G``): flops
+per step and device with the rows split over ``data_shards`` devices (a
+multiply-add is 2 flops; a symmetric ``k x k`` eigendecomposition with vectors
+is ``9 k^3``, Golub & Van Loan's count), the elements of curvature data it
+holds beyond the stats and the gradient, and the elements it exchanges per
+step and device when the rows are sharded (zero on one device). An iterative
+solver does ``cg_iters + 1`` products: one for the warm start's residual, one
+per iteration. :func:`cgfac_optax.plan` reads these to choose a solver per
+layer; a new solver is one new record in :data:`cgfac_optax._solvers.SOLVERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from cgfac_optax._layers import CurvatureRows, LayerShape
+
+EIGH_FLOPS = 9.0  # per k^3 for a k x k symmetric eigendecomposition with vectors
+
+
+def eig_flops(k: int) -> float:
+  return EIGH_FLOPS * float(k) ** 3
+
+
+class Solver(NamedTuple):
+  """One way to apply a layer's ``(F + damping I)^{-1}``, and what it costs.
+
+  Attributes:
+    name: the ``solver=`` option that selects it.
+    curvature: ``"rows"`` or ``"factors"``: what ``prepare`` takes.
+    uses_basis: whether it needs the factors' eigenbasis.
+    prepare: ``(curvature, damping) -> data``, the curvature data of one step.
+    operator: iterative solvers: ``(data, V) -> (F + damping I) V``; else None.
+    preconditioner: iterative solvers with one of their own:
+      ``(data, R) -> M^{-1} R``; else None.
+    diagonal: iterative solvers without their own preconditioner:
+      ``data -> diag(F + damping I)`` as a ``d_A x d_G`` matrix (for the
+      ``"jacobi"`` option); else None.
+    solve: direct solvers: ``(data, V) -> (F + damping I)^{-1} V``; else None.
+    flops: ``(shape, cg_iters, data_shards) -> flops`` per step and device.
+    memory: ``shape -> elements`` of curvature data held.
+    communication: ``(shape, cg_iters, data_shards) -> elements`` exchanged per
+      step and device (zero when ``data_shards == 1``).
+    matrix_free: whether it never forms anything of size ``d_A^2`` or ``d_G^2``.
+  """
+
+  name: str
+  curvature: Literal["rows", "factors"]
+  uses_basis: bool
+  prepare: Callable[[Any, Any], Any]
+  operator: Callable[[Any, jax.Array], jax.Array] | None
+  preconditioner: Callable[[Any, jax.Array], jax.Array] | None
+  diagonal: Callable[[Any], jax.Array] | None
+  solve: Callable[[Any, jax.Array], jax.Array] | None
+  flops: Callable[[LayerShape, int, int], float]
+  memory: Callable[[LayerShape], int]
+  communication: Callable[[LayerShape, int, int], float]
+  matrix_free: bool
+
+  @property
+  def iterative(self) -> bool:
+    return self.operator is not None
+
+
+def matmul(x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
+
+
+def matmul_t(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``x @ y.T``, contracting the columns of both.
+
+  With the rows of ``y`` sharded over devices, the partitioner then gathers ``y`` once for
+  this and any other product with it, rather than once per layout (``y`` and ``y.T``).
+  """
+  return jax.lax.dot_general(x, y, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+
+
+def factors(rows: CurvatureRows) -> tuple[jax.Array, jax.Array]:
+  """The materialized factors ``A = s_A a^T a`` and ``G = s_G g^T g``."""
+  return rows.scale_a * matmul(rows.a.T, rows.a), rows.scale_g * matmul(rows.g.T, rows.g)
+
+
+def form_factors_flops(shape: LayerShape, data_shards: int) -> float:
+  return 2.0 * shape.rows * (shape.d_a**2 + shape.d_g**2) / data_shards
+
+
+class EigenFactors(NamedTuple):
+  """Eigendecompositions ``A = Q_A diag(l_A) Q_A^T`` (thin or full; likewise G) and the damping."""
+
+  q_a: jax.Array  # d_A x k_A
+  l_a: jax.Array  # k_A
+  q_g: jax.Array  # d_G x k_G
+  l_g: jax.Array  # k_G
+  damping: jax.Array  # shape=()
+
+
+def in_eigenbasis(data: EigenFactors, v: jax.Array) -> jax.Array:
+  """``Q_A^T V Q_G``."""
+  return matmul(matmul(data.q_a.T, v), data.q_g)
+
+
+def from_eigenbasis(data: EigenFactors, c: jax.Array) -> jax.Array:
+  """``Q_A C Q_G^T``."""
+  return matmul(matmul(data.q_a, c), data.q_g.T)
+
+
+def damped_eigenvalues(data: EigenFactors) -> jax.Array:
+  """``l_A l_G^T + damping``: the eigenvalues of the damped block on the bases' span."""
+  return jnp.outer(data.l_a, data.l_g) + data.damping
