@@ -82,6 +82,14 @@ def batch_factors(rows) -> Factors:
   return Factors(*factors(rows))
 
 
+def batch_curvature(solver, rows):
+  """What ``solver.prepare`` takes, from this batch's rows alone (no memory)."""
+  if solver.curvature == "rows":
+    return rows
+  f = batch_factors(rows)
+  return FactorCurvature(f, eigenbasis(f) if solver.uses_basis else None)
+
+
 def average(previous: Factors, batch: Factors, decay, count: jax.Array) -> Factors:
   """The running average after this step's factors (the rule in the module docstring)."""
   t = count.astype(batch.a.dtype)

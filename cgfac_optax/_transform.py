@@ -112,12 +112,9 @@ class _Written(NamedTuple):
 
 def _curvature(method: Solver, rows, memory, count, *, curvature_decay, refresh_every):
   """What the solver prepares from, and the layer's memory after this step."""
-  if method.curvature == "rows":
-    return rows, None
+  if method.curvature == "rows" or memory is None:
+    return _memory.batch_curvature(method, rows), None
   batch = _memory.batch_factors(rows)
-  if memory is None:
-    basis = _memory.eigenbasis(batch) if method.uses_basis else None
-    return _memory.FactorCurvature(batch, basis), None
   memory = _memory.update(memory, batch, curvature_decay, count, refresh_every)
   return _memory.FactorCurvature(*memory), memory
 

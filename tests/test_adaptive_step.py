@@ -1,0 +1,183 @@
+"""Step sizes from the quadratic model, through the public optimizer, against a dense 2x2 solve.
+
+The oracle forms the exact Fisher of a tiny two-layer model explicitly (per-example Jacobians by
+``jax.jacrev``, the output Hessian of the loss written out), takes the preconditioned direction
+``D`` from the non-adaptive transformation, and solves ``min 1/2 x^T C x + b^T x`` with
+``np.linalg.solve`` for ``C_ij = u_i^T (F + gamma I) u_j``, ``b_i = grad^T u_i``,
+``u = (D, delta_prev)``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import cgfac_optax as cgfac
+
+GAMMA = 0.1
+N, D_IN, D_HID, K = 8, 3, 4, 3
+
+
+def problem(loss: str, seed: int = 0):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  params = {
+    "h": {"kernel": 0.5 * jax.random.normal(keys[0], (D_IN, D_HID)), "bias": jnp.zeros(D_HID)},
+    "o": {"kernel": 0.5 * jax.random.normal(keys[1], (D_HID, K)), "bias": jnp.zeros(K)},
+  }
+  x = jax.random.normal(keys[2], (N, D_IN))
+  if loss == "squared_error":
+    y = jax.random.normal(keys[3], (N, K))
+  else:
+    y = jax.random.randint(keys[3], (N,), 0, K)
+  return params, x, y
+
+
+def forward(params, x, eps=None):
+  z = x @ params["h"]["kernel"] + params["h"]["bias"]
+  if eps is not None:
+    z = z + eps["h"]
+  h = jnp.tanh(z)
+  out = h @ params["o"]["kernel"] + params["o"]["bias"]
+  if eps is not None:
+    out = out + eps["o"]
+  return out, {"h": x, "o": h}
+
+
+def per_example_loss(loss, out, y):
+  if loss == "squared_error":
+    return 0.5 * jnp.sum((out - y) ** 2, -1)
+  return optax.softmax_cross_entropy_with_integer_labels(out, y)
+
+
+def grads_and_stats(loss, params, x, y):
+  eps = {"h": jnp.zeros((N, D_HID)), "o": jnp.zeros((N, K))}
+
+  def total(p, e):
+    out, inputs = forward(p, x, e)
+    return per_example_loss(loss, out, y).sum(), inputs
+
+  (_, inputs), (g_params, g_out) = jax.value_and_grad(total, (0, 1), has_aux=True)(params, eps)
+  grads = jax.tree.map(lambda t: t / N, g_params)
+  stats = {k: cgfac.DenseStats(inputs[k], g_out[k]) for k in inputs}
+  return grads, stats
+
+
+def explicit_fisher(loss, params, x):
+  flat, unravel = ravel_pytree(params)
+  out = forward(params, x)[0]
+  jac = jax.jacrev(lambda f: forward(unravel(f), x)[0])(flat)  # N x K x P
+  fisher = np.zeros((flat.size, flat.size))
+  for j in range(N):
+    if loss == "squared_error":
+      h = np.eye(K)
+    else:
+      p = np.asarray(jax.nn.softmax(out[j]), np.float64)
+      h = np.diag(p) - np.outer(p, p)
+    jj = np.asarray(jac[j], np.float64)
+    fisher += jj.T @ h @ jj / N
+  return fisher
+
+
+def oracle_step(loss, params, x, y, previous):
+  """``(delta, (alpha, mu))`` from the dense model, ``previous`` a flat array."""
+  grads, stats = grads_and_stats(loss, params, x, y)
+  tx = cgfac.scale_by_cgfac(GAMMA, solver="eigh")
+  precond, _ = tx.update(grads, tx.init(params), params, layer_stats=stats)
+  direction = -np.asarray(ravel_pytree(precond)[0], np.float64)
+  g = np.asarray(ravel_pytree(grads)[0], np.float64)
+  damped = explicit_fisher(loss, params, x) + GAMMA * np.eye(g.size)
+  if not np.any(previous):
+    alpha = -(g @ direction) / (direction @ damped @ direction)
+    return alpha * direction, np.array([alpha, 0.0])
+  u = np.stack([direction, previous])
+  coefficients = np.linalg.solve(u @ damped @ u.T, -(u @ g))
+  return coefficients @ u, coefficients
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("loss", ["squared_error", "softmax_cross_entropy"])
+def test_two_steps_match_the_dense_quadratic_model(loss):
+  params, x, y = problem(loss)
+  tx = cgfac.cgfac(None, GAMMA, solver="eigh")
+  state = tx.init(params)
+  model = lambda p: cgfac.CurvatureModel(lambda q: forward(q, x)[0], loss)
+  previous = np.zeros(ravel_pytree(params)[0].size)
+  for _ in range(2):
+    grads, stats = grads_and_stats(loss, params, x, y)
+    updates, state = tx.update(grads, state, params, layer_stats=stats, curvature_model=model(0))
+    delta, coefficients = oracle_step(loss, params, x, y, previous)
+    got = np.asarray(ravel_pytree(updates)[0])
+    np.testing.assert_allclose(got, delta, rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(state[0].coefficients, coefficients, rtol=1e-5)
+    params = optax.apply_updates(params, updates)
+    previous = delta
+  assert abs(float(state[0].coefficients[1])) > 1e-6  # the second step did use momentum
+
+
+@pytest.mark.usefixtures("x64")
+def test_levenberg_marquardt_damping_reads_the_models_prediction():
+  loss = "squared_error"
+  params, x, y = problem(loss)
+  options = cgfac.AdaptiveDamping(initial=GAMMA, interval=1)
+  tx = cgfac.cgfac(None, options, solver="eigh")
+  grads, stats = grads_and_stats(loss, params, x, y)
+  mean_loss = lambda p: jnp.mean(per_example_loss(loss, forward(p, x)[0], y))
+  updates, state = tx.update(
+    grads,
+    tx.init(params),
+    params,
+    layer_stats=stats,
+    curvature_model=cgfac.CurvatureModel(lambda q: forward(q, x)[0], loss),
+    value=mean_loss(params),
+    value_fn=mean_loss,
+  )
+  delta, _ = oracle_step(loss, params, x, y, np.zeros(ravel_pytree(params)[0].size))
+  fisher = explicit_fisher(loss, params, x)
+  g = np.asarray(ravel_pytree(grads)[0], np.float64)
+  predicted = 0.5 * delta @ fisher @ delta + g @ delta
+  actual = float(mean_loss(optax.apply_updates(params, updates)) - mean_loss(params))
+  rho = actual / predicted
+  factor = options.decay**options.interval
+  expected = GAMMA / factor if rho < 0.25 else GAMMA * factor if rho > 0.75 else GAMMA
+  np.testing.assert_allclose(float(state[0].control.damping), expected, rtol=1e-6)
+
+
+def test_a_non_finite_gradient_gives_a_zero_step_and_a_finite_state():
+  loss = "squared_error"
+  params, x, y = problem(loss)
+  tx = cgfac.cgfac(None, GAMMA, solver="eigh")
+  grads, stats = grads_and_stats(loss, params, x, y)
+  grads["o"]["bias"] = grads["o"]["bias"].at[0].set(jnp.nan)
+  model = cgfac.CurvatureModel(lambda q: forward(q, x)[0], loss)
+  updates, state = tx.update(
+    grads, tx.init(params), params, layer_stats=stats, curvature_model=model
+  )
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  assert all(bool(jnp.all(jnp.isfinite(s))) for s in jax.tree.leaves(state))
+
+
+def test_missing_curvature_model_says_what_to_pass():
+  params, x, y = problem("squared_error")
+  grads, stats = grads_and_stats("squared_error", params, x, y)
+  tx = cgfac.cgfac(None, GAMMA)
+  with pytest.raises(ValueError, match="adaptive_step needs params and curvature_model="):
+    tx.update(grads, tx.init(params), params, layer_stats=stats)
+
+
+@pytest.mark.parametrize(
+  ("build", "message"),
+  [
+    (lambda: cgfac.cgfac(None, momentum=0.5), "leave momentum and kl_clip unset"),
+    (lambda: cgfac.cgfac(None, kl_clip=1e-2), "leave momentum and kl_clip unset"),
+    (
+      lambda: cgfac.scale_by_cgfac(GAMMA, adaptive_step=True, learning_rate=0.1),
+      "learning_rate and kl_clip must be None",
+    ),
+    (lambda: cgfac.CurvatureModel(lambda p: p, "hinge"), "CurvatureModel.loss must be one of"),
+  ],
+)
+def test_adaptive_step_options_are_validated(build, message):
+  with pytest.raises(ValueError, match=message):
+    build()
