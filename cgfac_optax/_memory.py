@@ -16,78 +16,49 @@ factors seen so far, with no bias toward the zero start. The averages live in
 the optimizer state as ``d_A x d_A`` and ``d_G x d_G`` arrays, so memory costs
 ``d_A^2 + d_G^2`` per layer; ``decay = 0`` is the batch-only curvature.
 
-The solvers that use an eigendecomposition of the factors (``"eigh"``,
-``"pcg"``) keep one in the state too, refreshed on a schedule: on steps
+The solvers that compute something from the factors (``"eigh"`` its
+eigenbasis, ``"pcg"`` its preconditioner's inverses: the record's
+``refresh``) keep it in the state too, refreshed on a schedule: on steps
 ``0, 1, 2, 4, 8, ...`` below ``refresh_every``, then every ``refresh_every``
-steps (a ``lax.cond``, so the other steps do no eigendecomposition). Between
+steps (a ``lax.cond``, so the other steps decompose nothing). Between
 refreshes ``"eigh"`` solves with the stale basis (standard K-FAC's amortized
 inverse), while ``"pcg"`` runs CG on the current averages and uses the stale
-basis only as its preconditioner.
+inverses only as its preconditioner.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from cgfac_optax._solvers._base import EigenFactors, factors
-
-
-class Factors(NamedTuple):
-  """A layer's Kronecker factors."""
-
-  a: jax.Array  # d_A x d_A
-  g: jax.Array  # d_G x d_G
-
-
-class Eigenbasis(NamedTuple):
-  """``A = q_a diag(l_a) q_a^T`` and ``G = q_g diag(l_g) q_g^T``."""
-
-  q_a: jax.Array  # d_A x d_A
-  l_a: jax.Array  # d_A
-  q_g: jax.Array  # d_G x d_G
-  l_g: jax.Array  # d_G
+from cgfac_optax._solvers._base import FactorCurvature, Factors, factors
 
 
 class LayerMemory(NamedTuple):
-  """What a layer keeps between steps: the averaged factors and an eigenbasis of them."""
+  """What a layer keeps between steps: the averaged factors and the solver's refreshed data."""
 
   factors: Factors
-  basis: Eigenbasis | None  # None for solvers that use none
+  refreshed: Any  # the solver's refresh of the factors at the last refresh, or None
 
 
-class FactorCurvature(NamedTuple):
-  """The curvature a factor-based solver prepares from."""
-
-  factors: Factors
-  basis: Eigenbasis | None
-
-
-def init_layer(d_a: int, d_g: int, dtype, with_basis: bool) -> LayerMemory:
-  """Zero factors, and an identity basis with zero eigenvalues (replaced at step 0)."""
-  basis = None
-  if with_basis:
-    basis = Eigenbasis(
-      jnp.eye(d_a, dtype=dtype),
-      jnp.zeros(d_a, dtype),
-      jnp.eye(d_g, dtype=dtype),
-      jnp.zeros(d_g, dtype),
-    )
-  return LayerMemory(Factors(jnp.zeros((d_a, d_a), dtype), jnp.zeros((d_g, d_g), dtype)), basis)
+def init_layer(d_a: int, d_g: int, dtype, refresh) -> LayerMemory:
+  """Zero factors and zero refreshed data (step 0 always refreshes before any use)."""
+  f = Factors(jnp.zeros((d_a, d_a), dtype), jnp.zeros((d_g, d_g), dtype))
+  refreshed = None
+  if refresh is not None:
+    shapes = jax.eval_shape(refresh, f, jnp.ones([], dtype))
+    refreshed = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return LayerMemory(f, refreshed)
 
 
-def batch_factors(rows) -> Factors:
-  return Factors(*factors(rows))
-
-
-def batch_curvature(solver, rows):
+def batch_curvature(solver, rows, damping):
   """What ``solver.prepare`` takes, from this batch's rows alone (no memory)."""
   if solver.curvature == "rows":
     return rows
-  f = batch_factors(rows)
-  return FactorCurvature(f, eigenbasis(f) if solver.uses_basis else None)
+  f = factors(rows)
+  return FactorCurvature(f, None if solver.refresh is None else solver.refresh(f, damping))
 
 
 def average(previous: Factors, batch: Factors, decay, count: jax.Array) -> Factors:
@@ -97,33 +68,33 @@ def average(previous: Factors, batch: Factors, decay, count: jax.Array) -> Facto
   return Factors(*(beta * p + (1 - beta) * b for p, b in zip(previous, batch)))
 
 
-def eigenbasis(f: Factors) -> Eigenbasis:
-  """Eigendecompositions of both factors, eigenvalues clipped at 0 (they are PSD)."""
-  l_a, q_a = jnp.linalg.eigh(f.a)
-  l_g, q_g = jnp.linalg.eigh(f.g)
-  return Eigenbasis(q_a, jnp.maximum(l_a, 0), q_g, jnp.maximum(l_g, 0))
-
-
-def refresh_due(count: jax.Array, refresh_every: int) -> jax.Array:
+def refresh_due(count: jax.Array, refresh_every) -> jax.Array:
   """Steps ``0, 1, 2, 4, ...`` below ``refresh_every``, then every ``refresh_every``-th."""
   power_of_two = (count & (count - 1)) == 0
   return jnp.where(count < refresh_every, power_of_two, count % refresh_every == 0)
 
 
 def update(
-  memory: LayerMemory, batch: Factors, decay, count: jax.Array, refresh_every: int
+  memory: LayerMemory,
+  batch: Factors,
+  damping,
+  count: jax.Array,
+  *,
+  decay,
+  refresh_every,
+  refresh,
 ) -> LayerMemory:
-  """Averages in the batch factors and refreshes the basis when due."""
+  """Averages in the batch factors and refreshes the solver's data when due."""
   f = average(memory.factors, batch, decay, count)
-  basis = memory.basis
-  if basis is not None:
-    if refresh_every == 1:
-      basis = eigenbasis(f)
+  refreshed = memory.refreshed
+  if refresh is not None:
+    # A Python 1 needs no branch; an array (optax.inject_hyperparams) is decided at run time.
+    if isinstance(refresh_every, int) and refresh_every == 1:
+      refreshed = refresh(f, damping)
     else:
-      basis = jax.lax.cond(refresh_due(count, refresh_every), eigenbasis, lambda _: basis, f)
-  return LayerMemory(f, basis)
-
-
-def with_damping(basis: Eigenbasis, damping) -> EigenFactors:
-  """The basis as the direct solvers' :class:`EigenFactors`."""
-  return EigenFactors(*basis, jnp.asarray(damping, basis.l_a.dtype))
+      refreshed = jax.lax.cond(
+        refresh_due(count, refresh_every),
+        lambda: refresh(f, damping),
+        lambda: memory.refreshed,
+      )
+  return LayerMemory(f, refreshed)

@@ -57,14 +57,17 @@ def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) ->
     raise ValueError(f"{name} must be {none}an int >= {minimum}, got {value!r}")
 
 
-def _check_max_iters(max_iters: Any) -> None:
-  # An integer array is allowed: optax.inject_hyperparams turns every int option into one, and
-  # the CG loop takes a traced bound.
-  if isinstance(max_iters, (jax.Array, np.ndarray)):
-    if max_iters.ndim == 0 and jnp.issubdtype(max_iters.dtype, jnp.integer):
+def check_int_or_array(name: str, value: Any, minimum: int) -> None:
+  """An int ``>= minimum``, or a scalar integer array (checked later, where it is used).
+
+  optax.inject_hyperparams turns every int option into an array; the options that take one
+  are used as traced values.
+  """
+  if isinstance(value, (jax.Array, np.ndarray)):
+    if value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
       return
-    raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
-  check_int("max_iters", max_iters, 1)
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+  check_int(name, value, minimum)
 
 
 def check_solver(solver: Any) -> None:
@@ -101,7 +104,7 @@ def validate(
   """Checks every option of :func:`scale_by_cgfac` that is a Python value."""
   if not callable(damping):
     check_number("damping", damping, lambda d: d > 0, "> 0")
-  _check_max_iters(max_iters)
+  check_int_or_array("max_iters", max_iters, 1)
   check_number("tol", tol, lambda t: t >= 0, ">= 0")
   check_solver(solver)
   check_int("curvature_batch_size", curvature_batch_size, 1, optional=True)
@@ -129,4 +132,4 @@ def validate(
     raise ValueError(f"fallback_decay must be a float in [0, 1), got {fallback_decay!r}")
   check_number("fallback_decay", fallback_decay, lambda b: 0 <= b < 1, "a float in [0, 1)")
   check_number("curvature_decay", curvature_decay, lambda b: 0 <= b < 1, "in [0, 1)")
-  check_int("refresh_every", refresh_every, 1)
+  check_int_or_array("refresh_every", refresh_every, 1)

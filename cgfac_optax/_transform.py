@@ -44,6 +44,8 @@ from cgfac_optax._layers import Layer
 from cgfac_optax._mesh import auto_axes_on_explicit_mesh
 from cgfac_optax._options import Fallback, Preconditioner, SolverOption
 from cgfac_optax._solvers import SOLVERS, Solver
+from cgfac_optax._solvers._base import FactorCurvature
+from cgfac_optax._solvers._base import factors as _factors
 
 
 class ScaleByCGFACState(NamedTuple):
@@ -110,13 +112,20 @@ class _Written(NamedTuple):
   skipped: jax.Array  # shape=(), bool
 
 
-def _curvature(method: Solver, rows, memory, count, *, curvature_decay, refresh_every):
+def _curvature(method: Solver, rows, memory, damping, count, *, curvature_decay, refresh_every):
   """What the solver prepares from, and the layer's memory after this step."""
   if method.curvature == "rows" or memory is None:
-    return _memory.batch_curvature(method, rows), None
-  batch = _memory.batch_factors(rows)
-  memory = _memory.update(memory, batch, curvature_decay, count, refresh_every)
-  return _memory.FactorCurvature(*memory), memory
+    return _memory.batch_curvature(method, rows, damping), None
+  memory = _memory.update(
+    memory,
+    _factors(rows),
+    damping,
+    count,
+    decay=curvature_decay,
+    refresh_every=refresh_every,
+    refresh=method.refresh,
+  )
+  return FactorCurvature(*memory), memory
 
 
 def _build_system(
@@ -146,8 +155,15 @@ def _build_system(
       f"shape at init, outputs on its last axis) but the stats give {shape.d_a} and "
       f"{shape.d_g}; use a batch-only solver for this layer"
     )
+  gamma = jnp.asarray(gamma, dtype)
   curvature, memory = _curvature(
-    method, rows, memory, count, curvature_decay=curvature_decay, refresh_every=refresh_every
+    method,
+    rows,
+    memory,
+    gamma,
+    count,
+    curvature_decay=curvature_decay,
+    refresh_every=refresh_every,
   )
   start = _layers.as_matrix(warm, layer, dtype)
   unit = _finite.unit_system(
@@ -156,10 +172,12 @@ def _build_system(
     _layers.as_matrix(grads, layer, dtype),
     start if warm_start else jnp.zeros_like(start),
   )
-  return _System(layer, method, method.prepare(curvature, jnp.asarray(gamma, dtype)), unit, memory)
+  return _System(layer, method, method.prepare(curvature, gamma), unit, memory)
 
 
-def _solve(systems: list[_System], *, max_iters, tol, preconditioner) -> list[_Solution]:
+def _solve(
+  systems: list[_System], *, max_iters, tol, preconditioner, warm_start
+) -> list[_Solution]:
   """Solves every system: all iterative ones in one batched CG, each direct one by itself."""
   iterative = [s for s in systems if s.solver.iterative]
   if iterative:
@@ -167,7 +185,7 @@ def _solve(systems: list[_System], *, max_iters, tol, preconditioner) -> list[_S
     result = batched_cg(
       [lambda v, s=s: s.solver.operator(s.data, v) for s in iterative],
       [s.unit.b for s in iterative],
-      [s.unit.x0 for s in iterative],
+      [s.unit.x0 for s in iterative] if warm_start else None,
       max_iters=max_iters,
       tol=tol,
       preconditioners=precs,
@@ -272,13 +290,19 @@ def _quadratic_step(out, grads, previous, params, model, gamma, treedef):
   return step, x.astype(jnp.float32), predicted
 
 
-def _init_memory(params, solver) -> dict[str, _memory.LayerMemory]:
-  """Zero curvature memory for every layer whose solver uses the factors."""
+def _init_memory(params, solver, requested: bool) -> dict[str, _memory.LayerMemory]:
+  """Zero curvature memory for every layer whose solver uses the factors.
+
+  A layer left to "auto" gets none; that is an error when memory was asked for by value (not
+  when the options are arrays, as under ``optax.inject_hyperparams``).
+  """
   paths, leaves, _ = _layers.leaf_paths(params)
   leaf = dict(zip(paths, leaves))
   out = {}
   for path in _layers.layer_paths(params):
     name = solver.get(path, "auto") if isinstance(solver, Mapping) else solver
+    if name == "auto" and not requested:
+      continue
     if name == "auto":
       raise ValueError(
         f"curvature memory is allocated at init, before any stats, so layer {path!r} needs "
@@ -291,7 +315,7 @@ def _init_memory(params, solver) -> dict[str, _memory.LayerMemory]:
     d_g = kernel.shape[-1]
     d_a = kernel.size // d_g + int(_layers.child(path, "bias") in leaf)
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)
-    out[path] = _memory.init_layer(d_a, d_g, dtype, method.uses_basis)
+    out[path] = _memory.init_layer(d_a, d_g, dtype, method.refresh)
   return out
 
 
@@ -488,8 +512,10 @@ def scale_by_cgfac(
     curvature_decay=curvature_decay,
     refresh_every=refresh_every,
   )
-  with_memory = refresh_every > 1 or not (
-    _options.is_number(curvature_decay) and curvature_decay == 0
+  refresh_each_step = _options.is_int(refresh_every) and refresh_every == 1
+  batch_only = refresh_each_step and (_options.is_number(curvature_decay) and curvature_decay == 0)
+  memory_requested = (_options.is_number(curvature_decay) and curvature_decay > 0) or (
+    _options.is_int(refresh_every) and refresh_every > 1
   )
 
   def init_fn(params):
@@ -501,7 +527,7 @@ def scale_by_cgfac(
       residual={p: jnp.zeros([], jnp.float32) for p in paths},
       control=_control.init(damping, paths),
       fallback_moment=_fallback.init(params, fallback),
-      curvature=_init_memory(params, solver) if with_memory else None,
+      curvature=None if batch_only else _init_memory(params, solver, memory_requested),
       previous_update=optax.tree.zeros_like(params) if adaptive_step else None,
       coefficients=jnp.zeros([2], jnp.float32) if adaptive_step else None,
     )
@@ -534,7 +560,9 @@ def scale_by_cgfac(
       _build_system(layer, grads, warm, gamma, memory.get(layer.path), state.count, **build)
       for layer in layers
     ]
-    solutions = _solve(systems, max_iters=max_iters, tol=tol, preconditioner=preconditioner)
+    solutions = _solve(
+      systems, max_iters=max_iters, tol=tol, preconditioner=preconditioner, warm_start=warm_start
+    )
     lr = _control.at_count(learning_rate, state.count)
     clip = _clipping.no_clip(jnp.float32)
     if layers and kl_clip is not None:

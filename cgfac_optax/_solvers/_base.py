@@ -52,7 +52,10 @@ class Solver(NamedTuple):
   Attributes:
     name: the ``solver=`` option that selects it.
     curvature: ``"rows"`` or ``"factors"``: what ``prepare`` takes.
-    uses_basis: whether it needs the factors' eigenbasis.
+    refresh: factor-based solvers that keep something computed from the
+      factors (an eigenbasis, inverses): ``(factors, damping) -> refreshed``,
+      run every step without curvature memory and on the refresh schedule
+      with it (:mod:`cgfac_optax._memory`); else None.
     prepare: ``(curvature, damping) -> data``, the curvature data of one step.
     operator: iterative solvers: ``(data, V) -> (F + damping I) V``; else None.
     preconditioner: iterative solvers with one of their own:
@@ -70,7 +73,7 @@ class Solver(NamedTuple):
 
   name: str
   curvature: Literal["rows", "factors"]
-  uses_basis: bool
+  refresh: Callable[[Any, Any], Any] | None
   prepare: Callable[[Any, Any], Any]
   operator: Callable[[Any, jax.Array], jax.Array] | None
   preconditioner: Callable[[Any, jax.Array], jax.Array] | None
@@ -99,9 +102,23 @@ def matmul_t(x: jax.Array, y: jax.Array) -> jax.Array:
   return jax.lax.dot_general(x, y, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
 
 
-def factors(rows: CurvatureRows) -> tuple[jax.Array, jax.Array]:
+def factors(rows: CurvatureRows) -> Factors:
   """The materialized factors ``A = s_A a^T a`` and ``G = s_G g^T g``."""
-  return rows.scale_a * matmul(rows.a.T, rows.a), rows.scale_g * matmul(rows.g.T, rows.g)
+  return Factors(rows.scale_a * matmul(rows.a.T, rows.a), rows.scale_g * matmul(rows.g.T, rows.g))
+
+
+class Factors(NamedTuple):
+  """A layer's Kronecker factors."""
+
+  a: jax.Array  # d_A x d_A
+  g: jax.Array  # d_G x d_G
+
+
+class FactorCurvature(NamedTuple):
+  """What a factor-based solver prepares from: the factors and its refreshed data of them."""
+
+  factors: Factors
+  refreshed: Any  # what the solver's ``refresh`` returned (maybe for older factors), or None
 
 
 def form_factors_flops(shape: LayerShape, data_shards: int) -> float:

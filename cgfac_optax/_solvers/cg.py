@@ -83,7 +83,7 @@ def communication(shape: LayerShape, cg_iters: int, data_shards: int) -> float:
 CG = Solver(
   name="cg",
   curvature="rows",
-  uses_basis=False,
+  refresh=None,
   prepare=prepare,
   operator=operator,
   preconditioner=None,

@@ -54,7 +54,7 @@ def communication(shape: LayerShape, cg_iters: int, data_shards: int) -> float:
 CG_MATERIALIZED = Solver(
   name="cg_materialized",
   curvature="factors",
-  uses_basis=False,
+  refresh=None,
   prepare=prepare,
   operator=operator,
   preconditioner=None,

@@ -1,6 +1,8 @@
 r"""``"eigh"``: standard K-FAC, exact damping from eigendecomposed factors.
 
-With ``A = Q_A diag(l_A) Q_A^T`` and ``G = Q_G diag(l_G) Q_G^T``,
+With ``A = Q_A diag(l_A) Q_A^T`` and ``G = Q_G diag(l_G) Q_G^T`` (the refreshed
+data: with curvature memory, the decomposition of the factors at the last
+refresh, standard K-FAC's amortized inverse),
 
 .. math::
 
@@ -22,6 +24,8 @@ from cgfac_optax._layers import LayerShape
 from cgfac_optax._solvers import cg_materialized
 from cgfac_optax._solvers._base import (
   EigenFactors,
+  FactorCurvature,
+  Factors,
   Solver,
   damped_eigenvalues,
   eig_flops,
@@ -31,10 +35,21 @@ from cgfac_optax._solvers._base import (
 )
 
 
-def prepare(curvature, damping) -> EigenFactors:
+def eigenbasis(f: Factors, damping=None) -> EigenFactors:
+  """Eigendecompositions of both factors, eigenvalues clipped at 0 (they are PSD).
+
+  The damping is left out (zero): it is the current one's to add at ``prepare``.
+  """
+  l_a, q_a = jnp.linalg.eigh(f.a)
+  l_g, q_g = jnp.linalg.eigh(f.g)
+  zero = jnp.zeros([], l_a.dtype)
+  return EigenFactors(q_a, jnp.maximum(l_a, 0), q_g, jnp.maximum(l_g, 0), zero)
+
+
+def prepare(curvature: FactorCurvature, damping) -> EigenFactors:
   """The eigenbasis (fresh, or kept from the last refresh with curvature memory) and damping."""
-  b = curvature.basis
-  return EigenFactors(b.q_a, b.l_a, b.q_g, b.l_g, jnp.asarray(damping, b.l_a.dtype))
+  b = curvature.refreshed
+  return b._replace(damping=jnp.asarray(damping, b.l_a.dtype))
 
 
 def solve(data: EigenFactors, v: jax.Array) -> jax.Array:
@@ -54,7 +69,7 @@ def memory(shape: LayerShape) -> int:
 EIGH = Solver(
   name="eigh",
   curvature="factors",
-  uses_basis=True,
+  refresh=eigenbasis,
   prepare=prepare,
   operator=None,
   preconditioner=None,

@@ -85,7 +85,7 @@ def communication(shape: LayerShape, cg_iters: int, data_shards: int) -> float:
 LOWRANK = Solver(
   name="lowrank",
   curvature="rows",
-  uses_basis=False,
+  refresh=None,
   prepare=prepare,
   operator=None,
   preconditioner=None,

@@ -1,23 +1,24 @@
-r"""``"pcg"``: CG on the factors, preconditioned by an eigenbasis of (possibly older) factors.
+r"""``"pcg"``: CG on the factors, preconditioned by inverses of (possibly older) factors.
 
-The operator is the current ``(A \otimes G + \gamma I) V = A V G + \gamma V``, two
-matmuls; the preconditioner is the exact damped inverse for the factors at the
-basis' last refresh,
+The operator is the current ``(A \otimes G + \gamma I) V = A V G + \gamma V``
+with exact damping, two matmuls. The preconditioner is K-FAC's own
+approximation with *factored* damping (Martens & Grosse 2015, sec. 6.3),
 
 .. math::
 
-  M^{-1} R = Q_A \big[(Q_A^\top R Q_G) / (l_A l_G^\top + \gamma)\big] Q_G^\top ,
+  M^{-1} R = (A + \pi \sqrt{\gamma} I)^{-1}\, R\, (G + \tfrac{\sqrt{\gamma}}{\pi} I)^{-1},
+  \qquad \pi = \sqrt{\frac{\operatorname{tr}(A) / d_A}{\operatorname{tr}(G) / d_G}},
 
-four matmuls, with the current damping. With the basis of the current factors
-``M`` is the operator itself and one iteration solves the system exactly; with
-curvature memory (:mod:`cgfac_optax._memory`) the basis is refreshed rarely
-and the factors drift slowly between refreshes, so a warm-started solve needs
-one or two iterations to correct the drift: a step is matmuls only, and the
-eigendecompositions, the slow part of K-FAC on every backend, run a few times
-per hundred steps instead of every few steps. Flops per step: forming the
+two matmuls with inverses formed at the last refresh. So an iteration is
+four matmuls and no decomposition: the inverses (an LU each, several times
+cheaper than an eigendecomposition on every backend, and far cheaper on CPU)
+are refreshed on a schedule with curvature memory (:mod:`cgfac_optax._memory`),
+and the one or two warm-started iterations correct both the factored damping
+and the drift of the averaged factors since then. Flops per step: forming the
 factors, ``(m + 1)`` operator and preconditioner applications,
-``6 (m + 1) d_A d_G (d_A + d_G)``, and the eigendecompositions counted whole
-(their refresh interval divides them in practice); memory ``3 (d_A^2 + d_G^2)``.
+``4 (m + 1) d_A d_G (d_A + d_G)``, and the inverses counted whole (``2 (d_A^3 +
+d_G^3)``; their refresh interval divides them in practice); memory
+``2 (d_A^2 + d_G^2)``.
 """
 
 from __future__ import annotations
@@ -30,28 +31,52 @@ import jax.numpy as jnp
 from cgfac_optax._layers import LayerShape
 from cgfac_optax._solvers import cg_materialized
 from cgfac_optax._solvers._base import (
-  EigenFactors,
+  FactorCurvature,
+  Factors,
   Solver,
-  damped_eigenvalues,
-  eig_flops,
   form_factors_flops,
-  from_eigenbasis,
-  in_eigenbasis,
+  matmul,
 )
 from cgfac_optax._solvers.cg_materialized import FactorsData
 
 
+class Inverses(NamedTuple):
+  """``(A + pi sqrt(gamma) I)^{-1}`` and ``(G + sqrt(gamma)/pi I)^{-1}``."""
+
+  a: jax.Array  # d_A x d_A
+  g: jax.Array  # d_G x d_G
+
+
 class PreconditionedData(NamedTuple):
   operator: FactorsData
-  basis: EigenFactors
+  inverses: Inverses
 
 
-def prepare(curvature, damping) -> PreconditionedData:
-  f, b = curvature.factors, curvature.basis
-  damping = jnp.asarray(damping, f.a.dtype)
-  return PreconditionedData(
-    FactorsData(f.a, f.g, damping), EigenFactors(b.q_a, b.l_a, b.q_g, b.l_g, damping)
-  )
+def _mean_trace(x: jax.Array) -> jax.Array:
+  return jnp.trace(x) / x.shape[0]
+
+
+def factored_inverses(f: Factors, damping) -> Inverses:
+  """The factored-damping inverses (the formula in the module docstring)."""
+  dtype = f.a.dtype
+  root = jnp.sqrt(jnp.asarray(damping, dtype))
+  ta, tg = _mean_trace(f.a), _mean_trace(f.g)
+  ok = (ta > 0) & (tg > 0) & jnp.isfinite(ta) & jnp.isfinite(tg)
+  pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / jnp.where(ok, tg, 1), 1)), 1)
+  # Bound pi so that neither factor's damping vanishes in its precision.
+  pi = jnp.clip(pi, 1e-4, 1e4)
+
+  def inverse(x, shift):
+    inv = jnp.linalg.inv(x + shift * jnp.eye(x.shape[0], dtype=dtype))
+    return 0.5 * (inv + inv.T)
+
+  return Inverses(inverse(f.a, pi * root), inverse(f.g, root / pi))
+
+
+def prepare(curvature: FactorCurvature, damping) -> PreconditionedData:
+  f = curvature.factors
+  operator = FactorsData(f.a, f.g, jnp.asarray(damping, f.a.dtype))
+  return PreconditionedData(operator, curvature.refreshed)
 
 
 def operator(data: PreconditionedData, v: jax.Array) -> jax.Array:
@@ -59,24 +84,24 @@ def operator(data: PreconditionedData, v: jax.Array) -> jax.Array:
 
 
 def preconditioner(data: PreconditionedData, r: jax.Array) -> jax.Array:
-  return from_eigenbasis(data.basis, in_eigenbasis(data.basis, r) / damped_eigenvalues(data.basis))
+  return matmul(matmul(data.inverses.a, r), data.inverses.g)
 
 
 def flops(shape: LayerShape, cg_iters: int, data_shards: int) -> float:
   n = float(shape.d_a) * shape.d_g
-  decompose = eig_flops(shape.d_a) + eig_flops(shape.d_g)
-  iterations = (cg_iters + 1) * 6 * n * (shape.d_a + shape.d_g)
-  return form_factors_flops(shape, data_shards) + decompose + iterations
+  invert = 2.0 * (shape.d_a**3 + shape.d_g**3)
+  iterations = (cg_iters + 1) * 4 * n * (shape.d_a + shape.d_g)
+  return form_factors_flops(shape, data_shards) + invert + iterations
 
 
 def memory(shape: LayerShape) -> int:
-  return 3 * (shape.d_a**2 + shape.d_g**2)
+  return 2 * (shape.d_a**2 + shape.d_g**2)
 
 
 PCG = Solver(
   name="pcg",
   curvature="factors",
-  uses_basis=True,
+  refresh=factored_inverses,
   prepare=prepare,
   operator=operator,
   preconditioner=preconditioner,
