@@ -46,7 +46,7 @@ def _apply_active(ops: Sequence[Operator], xs, active: jax.Array) -> list[jax.Ar
 def batched_cg(
   operators: Sequence[Operator],
   b: Sequence[jax.Array],
-  x0: Sequence[jax.Array],
+  x0: Sequence[jax.Array] | None,
   *,
   max_iters: int | jax.Array,
   tol: float | jax.Array,
@@ -63,7 +63,8 @@ def batched_cg(
   Args:
     operators: ``x -> A_i x`` for symmetric positive-definite ``A_i``.
     b: right-hand sides.
-    x0: starting points (warm starts), same shapes as ``b``.
+    x0: starting points (warm starts), same shapes as ``b``; ``None`` starts
+      from zero and saves the first residual's product.
     max_iters: most iterations of any block.
     tol: relative residual tolerance.
     preconditioners: ``r -> M_i^{-1} r`` per block, or ``None`` for none.
@@ -72,6 +73,9 @@ def batched_cg(
     A :class:`CGResult`.
   """
   n = len(b)
+  cold = x0 is None
+  if cold:
+    x0 = [jnp.zeros_like(bi) for bi in b]
   if not (len(operators) == len(x0) == n):
     raise ValueError(f"need one operator, b and x0 per block, got {len(operators)}, {n}, {len(x0)}")
   if preconditioners is None:
@@ -86,10 +90,11 @@ def batched_cg(
   zero_rhs = bb == 0
   x = [jnp.where(z, jnp.zeros_like(xi), xi) for z, xi in zip(zero_rhs, x0)]
   live = finite & ~zero_rhs
-  ax = _apply_active(operators, x, live)
-  r = [bi - axi for bi, axi in zip(b, ax)]
-  z = [m(ri) for m, ri in zip(precs, r)]
-  rz = _vdots(r, z)
+  if cold:
+    r = [jnp.where(lv, bi, 0) for lv, bi in zip(live, b)]
+  else:
+    ax = _apply_active(operators, x, live)
+    r = [bi - axi for bi, axi in zip(b, ax)]
   rr = _vdots(r, r)
   threshold = jnp.square(tol) * bb
   active = live & (rr > threshold)
@@ -100,27 +105,32 @@ def batched_cg(
     return (k < max_iters) & jnp.any(active)
 
   def body_fn(carry):
-    x, r, p, rz, rr, active, iters, k = carry
+    # The preconditioned residual is formed at the top of an iteration, not the bottom of the
+    # last one: the last iteration's would never be used, and a preconditioner can cost as
+    # much as the operator.
+    x, r, p, rz_old, rr, active, iters, k = carry
+    z = [jnp.where(a, m(ri), ri) for a, m, ri in zip(active, precs, r)]
+    rz = _vdots(r, z)
+    first = iters == 0
+    beta = jnp.where(first | (rz_old == 0), 0, rz / jnp.where(rz_old == 0, 1, rz_old))
+    beta = [bi.astype(pi.dtype) for bi, pi in zip(beta, p)]
+    p = [jnp.where(a, zi + bt * pi, pi) for a, zi, bt, pi in zip(active, z, beta, p)]
     ap = _apply_active(operators, p, active)
     pap = _vdots(p, ap)
-    ok = active & (pap > 0) & jnp.isfinite(pap)
+    ok = active & (pap > 0) & jnp.isfinite(pap) & jnp.isfinite(rz)
     alpha = jnp.where(ok, rz / jnp.where(ok, pap, 1), 0)
     # The per-block scalars are stacked in the widest block dtype; each block keeps its own.
     alpha = [ai.astype(xi.dtype) for ai, xi in zip(alpha, x)]
     x = [jnp.where(o, xi + a * pi, xi) for o, xi, a, pi in zip(ok, x, alpha, p)]
     r = [jnp.where(o, ri - a * api, ri) for o, ri, a, api in zip(ok, r, alpha, ap)]
-    z = [m(ri) for m, ri in zip(precs, r)]
-    rz_new = _vdots(r, z)
-    beta = jnp.where(ok, rz_new / jnp.where(ok, rz, 1), 0)
-    beta = [bi.astype(pi.dtype) for bi, pi in zip(beta, p)]
-    p = [jnp.where(o, zi + bt * pi, pi) for o, zi, bt, pi in zip(ok, z, beta, p)]
     rr = jnp.where(ok, _vdots(r, r), rr)
-    rz = jnp.where(ok, rz_new, rz)
+    rz_old = jnp.where(ok, rz, rz_old)
     iters = iters + ok.astype(jnp.int32)
     active = ok & (rr > threshold)
-    return x, r, p, rz, rr, active, iters, k + 1
+    return x, r, p, rz_old, rr, active, iters, k + 1
 
-  carry = (x, r, z, rz, rr, active, iters, jnp.asarray(0, jnp.int32))
+  p0 = [jnp.zeros_like(ri) for ri in r]
+  carry = (x, r, p0, jnp.zeros_like(rr), rr, active, iters, jnp.asarray(0, jnp.int32))
   x, _, _, _, rr, _, iters, _ = jax.lax.while_loop(cond_fn, body_fn, carry)
   safe_bb = jnp.where(zero_rhs, 1, bb)
   residual = jnp.where(zero_rhs, 0, jnp.sqrt(rr / safe_bb))
