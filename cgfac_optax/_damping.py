@@ -89,13 +89,44 @@ def predicted_change(x_dot_grad, x_sq, damping, step) -> jax.Array:
   return -step * x_dot_grad + 0.5 * jnp.square(step) * curvature
 
 
+NO_INFORMATION = 0.5
+"""The ratio :func:`reduction_ratio` returns when there is nothing to compare.
+
+It lies inside the band ``[1/4, 3/4]`` in which the Levenberg-Marquardt rule
+keeps the damping, so a caller that feeds it to the rule changes nothing.
+"""
+
+
+def reduction_ratio(loss_before, loss_after, predicted) -> jax.Array:
+  """``rho = (loss_after - loss_before) / predicted``: the actual change over the model's.
+
+  :func:`adapt` raises the damping when ``rho < 1/4`` and lowers it when
+  ``rho > 3/4``. Guards:
+
+  - ``loss_before`` finite and ``loss_after`` not (the step blew up):
+    ``-inf``, worse than any finite ratio, whatever ``predicted`` is.
+  - otherwise ``predicted >= 0`` or not finite, or ``loss_before`` not
+    finite: nothing to compare, :data:`NO_INFORMATION` (``0.5``).
+
+  Never NaN; in at least float32.
+  """
+  dtype = jnp.promote_types(jnp.result_type(loss_before, loss_after, predicted), jnp.float32)
+  before = jnp.asarray(loss_before, dtype)
+  after = jnp.asarray(loss_after, dtype)
+  predicted = jnp.asarray(predicted, dtype)
+  measured = (predicted < 0) & jnp.isfinite(predicted) & jnp.isfinite(before) & jnp.isfinite(after)
+  # A huge finite change over a tiny prediction can still overflow to -inf or +inf; that reads as
+  # the verdict it should (very bad or very good).
+  rho = (after - before) / jnp.where(measured, predicted, -1)
+  # 0 / 0 when a denormal prediction is flushed to zero on the way.
+  rho = jnp.where(measured & ~jnp.isnan(rho), rho, jnp.asarray(NO_INFORMATION, dtype))
+  blew_up = jnp.isfinite(before) & ~jnp.isfinite(after)
+  return jnp.where(blew_up, jnp.asarray(-jnp.inf, dtype), rho)
+
+
 def adapt(damping, loss_before, loss_after, predicted, options: AdaptiveDamping) -> jax.Array:
   """The next damping from one reduction ratio (the rule in this module's docstring)."""
-  rho = (loss_after - loss_before) / jnp.where(predicted < 0, predicted, -1)
-  measured = (predicted < 0) & jnp.isfinite(predicted) & jnp.isfinite(loss_before)
-  # A probe that blows up is a bad step; a loss that was not finite before says nothing.
-  raise_ = jnp.isfinite(loss_before) & (~jnp.isfinite(loss_after) | (measured & (rho < 0.25)))
-  lower = jnp.isfinite(loss_after) & measured & (rho > 0.75)
-  new = jnp.where(raise_, damping / options.factor, damping)
-  new = jnp.where(lower, damping * options.factor, new)
+  rho = reduction_ratio(loss_before, loss_after, predicted)
+  new = jnp.where(rho < 0.25, damping / options.factor, damping)
+  new = jnp.where(rho > 0.75, damping * options.factor, new)
   return jnp.clip(new, options.minimum, options.maximum).astype(jnp.asarray(damping).dtype)

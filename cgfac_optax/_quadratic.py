@@ -38,8 +38,9 @@ the plane, so it is never worse in the model than a wrong 2-D solve.
 
 The predicted change ``M(delta)`` is also what Levenberg-Marquardt damping
 compares the actual change of the loss to (Martens & Grosse, sec. 6.5):
-:func:`reduction_ratio` computes ``rho = (L(theta + delta) - L(theta)) /
-M(delta)``, and :func:`cgfac_optax._damping.adapt` applies the rule to it.
+:func:`cgfac_optax._damping.reduction_ratio` computes ``rho = (L(theta +
+delta) - L(theta)) / M(delta)``, and :func:`cgfac_optax._damping.adapt`
+applies the rule to it.
 
 Everything here is a pure function of arrays and safe under ``jax.jit``:
 nothing raises on data and nothing returns NaN.
@@ -198,40 +199,3 @@ def step_coefficients(
   x = jnp.where(ok2, x2, x1)
   predicted = jnp.where(ok2, pred2, pred1)
   return x, predicted
-
-
-NO_INFORMATION = 0.5
-"""The ratio :func:`reduction_ratio` returns when there is nothing to compare.
-
-It lies inside the band ``[1/4, 3/4]`` in which the Levenberg-Marquardt rule
-keeps the damping, so a caller that feeds it to the rule changes nothing.
-"""
-
-
-def reduction_ratio(loss_before, loss_after, predicted) -> jax.Array:
-  """``rho = (loss_after - loss_before) / predicted``: the actual change over the model's.
-
-  The rule in :func:`cgfac_optax._damping.adapt` raises the damping when
-  ``rho < 1/4`` and lowers it when ``rho > 3/4``; ``adapt`` takes the three
-  inputs itself, so this is for callers that want ``rho`` (to log it, or for
-  their own rule). Guards, matching ``adapt``'s decisions:
-
-  - ``loss_before`` finite and ``loss_after`` not (the step blew up):
-    ``-inf``, worse than any finite ratio, whatever ``predicted`` is.
-  - otherwise ``predicted >= 0`` or not finite, or ``loss_before`` not
-    finite: nothing to compare, :data:`NO_INFORMATION` (``0.5``).
-
-  Never NaN; in at least float32.
-  """
-  dtype = jnp.promote_types(jnp.result_type(loss_before, loss_after, predicted), jnp.float32)
-  before = jnp.asarray(loss_before, dtype)
-  after = jnp.asarray(loss_after, dtype)
-  predicted = jnp.asarray(predicted, dtype)
-  measured = (predicted < 0) & jnp.isfinite(predicted) & jnp.isfinite(before) & jnp.isfinite(after)
-  # A huge finite change over a tiny prediction can still overflow to -inf or +inf; that reads as
-  # the verdict it should (very bad or very good).
-  rho = (after - before) / jnp.where(measured, predicted, -1)
-  # 0 / 0 when a denormal prediction is flushed to zero on the way.
-  rho = jnp.where(measured & ~jnp.isnan(rho), rho, jnp.asarray(NO_INFORMATION, dtype))
-  blew_up = jnp.isfinite(before) & ~jnp.isfinite(after)
-  return jnp.where(blew_up, jnp.asarray(-jnp.inf, dtype), rho)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from cgfac_optax import _damping, _losses, _quadratic
-from cgfac_optax._quadratic import CurvatureModel, gram, reduction_ratio, step_coefficients
+from cgfac_optax import _damping, _losses
+from cgfac_optax._damping import NO_INFORMATION, reduction_ratio
+from cgfac_optax._quadratic import CurvatureModel, gram, step_coefficients
 
 LOSSES = sorted(_losses.LOSSES)
 
@@ -271,7 +272,7 @@ def test_reduction_ratio_values():
   np.testing.assert_allclose(reduction_ratio(2.0, 1.5, -1.0), 0.5)
   np.testing.assert_allclose(reduction_ratio(2.0, 1.0, -0.5), 2.0)
   np.testing.assert_allclose(reduction_ratio(2.0, 2.5, -1.0), -0.5)
-  info = _quadratic.NO_INFORMATION
+  info = NO_INFORMATION
   for before, after, predicted in [
     (2.0, 1.0, 0.0),
     (2.0, 1.0, 0.3),
