@@ -181,3 +181,101 @@ def test_missing_curvature_model_says_what_to_pass():
 def test_adaptive_step_options_are_validated(build, message):
   with pytest.raises(ValueError, match=message):
     build()
+
+
+def _digits(n=512):
+  from sklearn.datasets import load_digits
+
+  x, y = load_digits(return_X_y=True)
+  return jnp.asarray(x[:n] / 16.0, jnp.float32), jnp.asarray(y[:n])
+
+
+def _adaptive_tx():
+  return cgfac.cgfac(
+    None,
+    cgfac.AdaptiveDamping(initial=0.1, minimum=1e-6),
+    solver="pcg",
+    curvature_decay=0.95,
+    refresh_every=10,
+    max_iters=1,
+  )
+
+
+def test_linen_training_with_curvature_model():
+  import flax.linen as nn
+
+  from cgfac_optax import flax as cflax
+
+  x, y = _digits()
+  model = nn.Sequential([nn.Dense(32), nn.tanh, nn.Dense(10)])
+  params = model.init(jax.random.key(0), x)["params"]
+  tx = _adaptive_tx()
+  state = tx.init(params)
+  vgs = cflax.value_grad_and_stats(model, loss="softmax_cross_entropy")
+  mean_loss = lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(
+    model.apply({"params": p}, xb), yb
+  ).mean()
+
+  @jax.jit
+  def step(params, state, xb, yb, key):
+    loss, grads, stats = vgs(params, xb, yb, key)
+    updates, state = tx.update(
+      grads,
+      state,
+      params,
+      layer_stats=stats,
+      curvature_model=cflax.curvature_model(model, xb, loss="softmax_cross_entropy", rows=64),
+      value=loss,
+      value_fn=lambda p: mean_loss(p, xb, yb),
+    )
+    return optax.apply_updates(params, updates), state
+
+  before = mean_loss(params, x, y)
+  for i in range(30):
+    idx = jax.random.choice(jax.random.key(i), x.shape[0], (128,), replace=False)
+    params, state = step(params, state, x[idx], y[idx], jax.random.key(100 + i))
+  after = mean_loss(params, x, y)
+  assert after < 0.2 * before, (before, after)
+  coefficients = state[0].coefficients
+  assert 0 < float(coefficients[0]) and bool(jnp.all(jnp.isfinite(coefficients)))
+
+
+def test_nnx_optimizer_training_with_curvature_model():
+  from flax import nnx
+
+  from cgfac_optax import flax as cflax
+
+  x, y = _digits()
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(64, 32, rngs=rngs)
+      self.out = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(jnp.tanh(self.hidden(x)))
+
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, _adaptive_tx(), wrt=nnx.Param)
+  ce = lambda m, xb, yb: optax.softmax_cross_entropy_with_integer_labels(m(xb), yb).mean()
+
+  @nnx.jit
+  def step(model, optimizer, xb, yb, key):
+    loss, grads, stats = cflax.nnx_value_grad_and_stats(model, xb, yb, key)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    optimizer.update(
+      model,
+      grads,
+      layer_stats=stats,
+      curvature_model=cflax.nnx_curvature_model(model, xb, loss="softmax_cross_entropy"),
+      value=loss,
+      value_fn=lambda p: ce(nnx.merge(graphdef, p, rest), xb, yb),
+    )
+    return loss
+
+  before = ce(model, x, y)
+  for i in range(30):
+    idx = jax.random.choice(jax.random.key(i), x.shape[0], (128,), replace=False)
+    step(model, optimizer, x[idx], y[idx], jax.random.key(100 + i))
+  after = ce(model, x, y)
+  assert after < 0.2 * before, (before, after)

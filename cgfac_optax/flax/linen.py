@@ -22,6 +22,7 @@ from flax import traverse_util
 from flax.training import train_state
 
 from cgfac_optax import _layers, _losses
+from cgfac_optax._quadratic import CurvatureModel
 from cgfac_optax.flax import _capture
 from cgfac_optax.flax._rules import find_rule
 
@@ -191,3 +192,27 @@ def apply_gradients(
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+
+def curvature_model(
+  model: nn.Module, inputs: Any, *, loss: str, rows: int | None = None, **apply_kwargs
+) -> CurvatureModel:
+  """The :class:`~cgfac_optax.CurvatureModel` of a Linen model on a batch's first ``rows`` examples.
+
+  What ``update`` needs for step sizes from the quadratic model
+  (``cgfac_optax.cgfac(learning_rate=None)``): the model's outputs as a function
+  of ``params`` alone. Pass the optimizer's ``curvature_batch_size`` as ``rows``
+  so the exact Fisher products run on the examples the curvature uses.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from cgfac_optax import flax as cflax
+    >>> model = nn.Dense(3)
+    >>> x = jnp.ones((8, 5))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> cm = cflax.curvature_model(model, x, loss="softmax_cross_entropy", rows=4)
+    >>> cm.outputs_fn(params).shape
+    (4, 3)
+  """
+  subset = inputs if rows is None else jax.tree.map(lambda x: x[:rows], inputs)
+  return CurvatureModel(lambda p: model.apply({"params": p}, subset, **apply_kwargs), loss)

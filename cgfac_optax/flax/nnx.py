@@ -19,6 +19,7 @@ from flax import nnx
 from flax.nnx import tracers
 
 from cgfac_optax import _layers, _losses
+from cgfac_optax._quadratic import CurvatureModel
 from cgfac_optax.flax import _capture
 from cgfac_optax.flax._rules import find_rule
 
@@ -162,3 +163,27 @@ def nnx_value_grad_and_stats(
   )
   nnx.update(model, new_rest)
   return value, grads, stats
+
+
+def nnx_curvature_model(
+  model: nnx.Module, inputs: Any, *, loss: str, rows: int | None = None
+) -> CurvatureModel:
+  """The :class:`~cgfac_optax.CurvatureModel` of an NNX model on a batch's first ``rows`` examples.
+
+  Its ``outputs_fn`` takes the model's ``nnx.Param`` state (what ``nnx.Optimizer``
+  passes to ``update`` as ``params``) and runs a copy of the model with it, so the
+  model itself is not changed. Pass the optimizer's ``curvature_batch_size`` as
+  ``rows``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from cgfac_optax import flax as cflax
+    >>> model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+    >>> cm = cflax.nnx_curvature_model(model, jnp.ones((8, 5)), loss="squared_error", rows=4)
+    >>> cm.outputs_fn(nnx.state(model, nnx.Param)).shape
+    (4, 3)
+  """
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  subset = inputs if rows is None else jax.tree.map(lambda x: x[:rows], inputs)
+  return CurvatureModel(lambda p: nnx.merge(graphdef, p, rest)(subset), loss)
