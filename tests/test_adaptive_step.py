@@ -100,7 +100,7 @@ def oracle_step(loss, params, x, y, previous):
 @pytest.mark.parametrize("loss", ["squared_error", "softmax_cross_entropy"])
 def test_two_steps_match_the_dense_quadratic_model(loss):
   params, x, y = problem(loss)
-  tx = cgfac.cgfac(None, GAMMA, solver="eigh")
+  tx = cgfac.cgfac(None, GAMMA, solver="eigh", curvature_decay=0.0)
   state = tx.init(params)
   model = lambda p: cgfac.CurvatureModel(lambda q: forward(q, x)[0], loss)
   previous = np.zeros(ravel_pytree(params)[0].size)
@@ -121,7 +121,7 @@ def test_levenberg_marquardt_damping_reads_the_models_prediction():
   loss = "squared_error"
   params, x, y = problem(loss)
   options = cgfac.AdaptiveDamping(initial=GAMMA, interval=1)
-  tx = cgfac.cgfac(None, options, solver="eigh")
+  tx = cgfac.cgfac(None, options, solver="eigh", curvature_decay=0.0)
   grads, stats = grads_and_stats(loss, params, x, y)
   mean_loss = lambda p: jnp.mean(per_example_loss(loss, forward(p, x)[0], y))
   updates, state = tx.update(
@@ -279,3 +279,18 @@ def test_nnx_optimizer_training_with_curvature_model():
     step(model, optimizer, x[idx], y[idx], jax.random.key(100 + i))
   after = ce(model, x, y)
   assert after < 0.2 * before, (before, after)
+
+
+def test_each_mode_has_its_defaults():
+  params = {"dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}
+  adaptive = cgfac.cgfac().init(params)[0]
+  memory = adaptive.curvature["dense"]
+  assert memory.factors.a.shape == (4, 4)  # curvature memory for the default solver
+  assert adaptive.control.damping == np.float32(1e-2)  # AdaptiveDamping(initial=1e-2)
+  assert adaptive.previous_update is not None
+  fixed = cgfac.cgfac(0.1).init(params)[0]
+  assert fixed.curvature is None and fixed.previous_update is None
+  # An explicit option overrides the mode's default.
+  assert not cgfac.cgfac(solver="cg", curvature_decay=0.0).init(params)[0].curvature
+  with pytest.raises(ValueError, match="'default'"):
+    cgfac.cgfac(curvature_batch_size="all")

@@ -9,7 +9,7 @@ A solver applies ``(F + \gamma I)^{-1}`` for one layer's Kronecker block
   preconditioned by the solver's own ``preconditioner`` if it has one, else
   optionally by ``diagonal(data) = diag(F + \gamma I)`` (Jacobi);
 - *direct*: ``prepare`` factorizes once per step and ``solve(data, V)`` returns
-  ``(F + \gamma I)^{-1} V`` exactly.
+  ``(F + \gamma I)^{-1} V`` (exactly, unless the record says ``exact=False``).
 
 A solver prepares from one of two kinds of curvature: the batch's rows
 (:class:`~cgfac_optax._layers.CurvatureRows`: matrix-free, batch-only) or the
@@ -69,6 +69,9 @@ class Solver(NamedTuple):
     communication: ``(shape, cg_iters, data_shards) -> elements`` exchanged per
       step and device (zero when ``data_shards == 1``).
     matrix_free: whether it never forms anything of size ``d_A^2`` or ``d_G^2``.
+    exact: whether its answer is ``(F + damping I)^{-1} V`` for the curvature
+      it prepared from (to CG's tolerance for an iterative solver); False for a
+      solver that damps otherwise.
   """
 
   name: str
@@ -83,6 +86,7 @@ class Solver(NamedTuple):
   memory: Callable[[LayerShape], int]
   communication: Callable[[LayerShape, int, int], float]
   matrix_free: bool
+  exact: bool
 
   @property
   def iterative(self) -> bool:

@@ -93,4 +93,5 @@ CG = Solver(
   memory=memory,
   communication=communication,
   matrix_free=True,
+  exact=True,
 )

@@ -64,4 +64,5 @@ CG_MATERIALIZED = Solver(
   memory=memory,
   communication=communication,
   matrix_free=False,
+  exact=True,
 )

@@ -79,4 +79,5 @@ EIGH = Solver(
   memory=memory,
   communication=cg_materialized.communication,
   matrix_free=False,
+  exact=True,
 )

@@ -95,4 +95,5 @@ LOWRANK = Solver(
   memory=memory,
   communication=communication,
   matrix_free=True,
+  exact=True,
 )

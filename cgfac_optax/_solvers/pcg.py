@@ -83,8 +83,12 @@ def operator(data: PreconditionedData, v: jax.Array) -> jax.Array:
   return cg_materialized.operator(data.operator, v)
 
 
+def apply_inverses(inverses: Inverses, r: jax.Array) -> jax.Array:
+  return matmul(matmul(inverses.a, r), inverses.g)
+
+
 def preconditioner(data: PreconditionedData, r: jax.Array) -> jax.Array:
-  return matmul(matmul(data.inverses.a, r), data.inverses.g)
+  return apply_inverses(data.inverses, r)
 
 
 def flops(shape: LayerShape, cg_iters: int, data_shards: int) -> float:
@@ -111,4 +115,5 @@ PCG = Solver(
   memory=memory,
   communication=cg_materialized.communication,
   matrix_free=False,
+  exact=True,
 )
