@@ -6,8 +6,9 @@ shape; ``CG``'s cost assumes ``cg_iters`` iterations, an assumption about the wa
 start, not a measurement (default ``min(max_iters, 3)``): compare it with the
 iterations the state records.
 
-"auto" picks, per layer, the solver with the fewest flops (plus, when sharded,
-the communication priced in flops) among those whose memory fits
+"auto" picks, per layer, the exact solver (each record says whether it is) with the
+fewest flops (plus, when sharded, the communication priced in flops) among those whose
+memory fits
 ``memory_limit`` bytes (the one with the least memory if none fits). Flops are
 a proxy: an eigendecomposition runs well below matmul throughput on every
 backend, so the model flatters ``"eigh"`` and ``"lowrank"``. In practice: few
@@ -92,11 +93,12 @@ def plan_layer(
   }
   cost = {k: flops[k] + flops_per_byte * communication[k] for k in SOLVERS}
   fits = {k: memory[k] <= memory_limit for k in SOLVERS}
-  candidates = [k for k in SOLVERS if fits[k]]
+  # "auto" only changes how the system is solved, never which system: exact solvers only.
+  candidates = [k for k, s in SOLVERS.items() if fits[k] and s.exact]
   if candidates:
     solver = min(candidates, key=lambda k: cost[k])
   else:
-    solver = min(SOLVERS, key=lambda k: memory[k])
+    solver = min((k for k, s in SOLVERS.items() if s.exact), key=lambda k: memory[k])
   return LayerPlan(path, *shape, solver, flops, memory, fits, communication, cost)
 
 
