@@ -5,6 +5,9 @@ gradients of the loss with respect to its pre-activations (from zero perturbatio
 them, differentiated through the SUM of the per-example losses).
 """
 
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,9 @@ import optax
 from sklearn.datasets import load_digits
 
 import cgfac_optax as cgfac
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import oracles  # noqa: E402
 
 
 def digits(n=256, offset=0):
@@ -42,9 +48,12 @@ def _zeros(params, x):
   return {k: jnp.zeros((x.shape[0], p["bias"].shape[0])) for k, p in params.items()}
 
 
+def logits(params, x):
+  return _forward(params, x, _zeros(params, x))[0]
+
+
 def loss(params, x, y):
-  logits, _ = _forward(params, x, _zeros(params, x))
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits(params, x), y).mean()
 
 
 def loss_grads_stats(params, x, y):
@@ -66,9 +75,7 @@ def fisher_norm(stats, x) -> float:
   """``sum_l <x_l, A_l x_l G_l>`` in float64 from the stats (explicit factors)."""
   total = 0.0
   for name, s in stats.items():
-    a = np.asarray(s.inputs, np.float64)
-    g = np.asarray(s.output_grads, np.float64)
-    a = np.hstack([a, np.ones((a.shape[0], 1))])
-    m = np.vstack([np.asarray(x[name]["kernel"], np.float64), np.asarray(x[name]["bias"])])
-    total += np.sum(m * ((a.T @ a / a.shape[0]) @ m @ (g.T @ g / g.shape[0])))
+    big_a, big_g = oracles.factors(s.inputs, s.output_grads, bias=True)
+    m = oracles.as_matrix(x[name])
+    total += np.sum(m * (big_a @ m @ big_g))
   return total

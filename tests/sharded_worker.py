@@ -263,10 +263,10 @@ def check_adaptive() -> dict:
 
 def main(argv) -> None:
   sys.path.insert(0, str(ROOT / "benchmarks"))
-  import cgfac_optax
+  from cgfac_optax._solvers import SOLVERS
 
   what = argv[1]
-  solvers = argv[2].split(",") if len(argv) > 2 else list(cgfac_optax._blocks.SOLVERS)
+  solvers = argv[2].split(",") if len(argv) > 2 else list(SOLVERS)
   if what == "updates":
     models = argv[3].split(",") if len(argv) > 3 else ["mlp"]
     result = check_updates(solvers, models)

@@ -1,5 +1,8 @@
 """Conv blocks: patch rows, per-example gradients, products and solves vs explicit references."""
 
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,10 +10,11 @@ import pytest
 from jax import lax
 
 import cgfac_optax as cgfac
-from cgfac_optax import _blocks
+from cgfac_optax import _layers
+from cgfac_optax._solvers import SOLVERS
 
-SOLVERS = ("cg", "cg_materialized", "eigh", "lowrank")
-
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import oracles  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("x64")  # tests/conftest.py
 
@@ -130,21 +134,18 @@ def test_patch_stats_reproduce_per_example_kernel_gradients(config):
   np.testing.assert_allclose(kernel_grads, per_example["kernel"], rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(gr.sum((1, 2)), per_example["bias"], rtol=1e-10, atol=1e-12)
   # The batch-mean gradient is the combined a^T g / B, bias as the last row.
-  a1 = _blocks.append_ones(_blocks.to_rows(a))
-  combined = a1.T @ _blocks.to_rows(gr) / x.shape[0]
+  a1 = _layers.append_ones(_layers.to_rows(a))
+  combined = a1.T @ _layers.to_rows(gr) / x.shape[0]
   mean = jax.tree.map(lambda t: t.mean(0), per_example)
   np.testing.assert_allclose(combined[:-1], mean["kernel"].reshape(-1, 3), rtol=1e-10)
   np.testing.assert_allclose(combined[-1], mean["bias"], rtol=1e-10)
 
 
-def _explicit_fisher(config, x, g, kernel_size):
-  """``A (x) G`` with KFC scales from loop-built patches (bias row appended)."""
+def _explicit_factors(config, x, g, kernel_size):
+  """``A`` and ``G`` with KFC scales from loop-built patches (bias row appended)."""
   strides, padding, dilation = CONFIGS[config]
   p = explicit_patches(x, kernel_size, strides, padding, dilation)
-  examples, rows = p.shape[0], int(np.prod(p.shape[:-1]))
-  p1 = np.concatenate([p.reshape(rows, -1), np.ones((rows, 1))], 1)
-  gr = np.asarray(g).reshape(rows, -1)
-  return np.kron(p1.T @ p1 / rows, gr.T @ gr / examples), p1.shape[1], gr.shape[1]
+  return oracles.factors(p, g, bias=True)
 
 
 def _conv_stats_and_grads(config):
@@ -165,28 +166,31 @@ def _conv_stats_and_grads(config):
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_conv_products_equal_explicit_kronecker(config):
   x, g, params, _, stats = _conv_stats_and_grads(config)
-  fisher, d_a, d_g = _explicit_fisher(config, x, g, params["kernel"].shape[:2])
-  a = _blocks.append_ones(_blocks.to_rows(stats.inputs))
-  gr = _blocks.to_rows(stats.output_grads)
-  sa, sg = _blocks.factor_scales(stats)
+  big_a, big_g = _explicit_factors(config, x, g, params["kernel"].shape[:2])
+  d_a, d_g = big_a.shape[0], big_g.shape[0]
+  fisher = oracles.kron_matrix(big_a, big_g)
+  rows = _layers.curvature_rows(stats, True, None, jnp.float64)
+  assert (rows.scale_a, rows.scale_g) == _layers.factor_scales(stats)
   v = jax.random.normal(jax.random.key(3), (d_a, d_g))
   ref = (fisher @ v.ravel()).reshape(d_a, d_g)
-  for solver in ("cg", "cg_materialized"):
-    method = _blocks.SOLVERS[solver]
-    out = method.apply(method.prepare(a, gr, sa, sg), v)
-    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
-  diag = _blocks.jacobi_diagonal(a, gr, sa, sg)
-  np.testing.assert_allclose(diag.ravel(), np.diag(fisher), rtol=1e-10)
+  iterative = [s for s in SOLVERS.values() if s.iterative]
+  assert iterative
+  for method in iterative:  # each operator at zero damping is the block itself
+    out = method.operator(oracles.prepare(method, rows, 0.0), v)
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12, err_msg=method.name)
+    if method.diagonal is not None:
+      diag = method.diagonal(oracles.prepare(method, rows, 0.0))
+      np.testing.assert_allclose(diag.ravel(), np.diag(fisher), rtol=1e-10, err_msg=method.name)
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", [n for n, s in SOLVERS.items() if s.exact])
 @pytest.mark.parametrize("config", ["stride2-same", "dilation2-stride2-valid"])
 def test_conv_solves_equal_explicit_kronecker(config, solver):
   x, g, params, grads, stats = _conv_stats_and_grads(config)
-  fisher, d_a, d_g = _explicit_fisher(config, x, g, params["kernel"].shape[:2])
+  big_a, big_g = _explicit_factors(config, x, g, params["kernel"].shape[:2])
+  d_g = big_g.shape[0]
   damping = 0.1
-  b = np.concatenate([np.reshape(grads["kernel"], (-1, d_g)), grads["bias"][None]], 0)
-  ref = np.linalg.solve(fisher + damping * np.eye(d_a * d_g), b.ravel()).reshape(d_a, d_g)
+  ref = oracles.kron_solve(big_a, big_g, damping, oracles.as_matrix(grads))
   tx = cgfac.scale_by_cgfac(damping, solver=solver, max_iters=500, tol=1e-12, warm_start=False)
   update = jax.jit(lambda g, s, st: tx.update(g, s, layer_stats=st))
   updates, _ = update({"conv": grads}, tx.init({"conv": params}), {"conv": stats})
@@ -206,7 +210,7 @@ def test_1x1_conv_equals_dense_per_position():
   dense_st = cgfac.DenseStats(inputs=x, output_grads=g)
   np.testing.assert_allclose(conv_st.inputs, dense_st.inputs, rtol=0, atol=0)
   np.testing.assert_allclose(conv_st.output_grads, dense_st.output_grads, rtol=0, atol=0)
-  assert _blocks.factor_scales(conv_st) == _blocks.factor_scales(dense_st)
+  assert _layers.factor_scales(conv_st) == _layers.factor_scales(dense_st)
 
   bias = jnp.zeros(4)
   grad_k = jnp.einsum("bhwi,bhwo->io", x, g) / 3
@@ -255,10 +259,10 @@ def test_conv_jacobi_preconditioned_cg_and_curvature_subsample():
   """Jacobi-preconditioned CG on a conv block, curvature from the first 2 of 3 examples."""
   config = "stride2-valid"
   x, g, params, grads, stats = _conv_stats_and_grads(config)
-  fisher, d_a, d_g = _explicit_fisher(config, x[:2], g[:2], params["kernel"].shape[:2])
+  big_a, big_g = _explicit_factors(config, x[:2], g[:2], params["kernel"].shape[:2])
+  d_g = big_g.shape[0]
   damping = 0.1
-  b = np.concatenate([np.reshape(grads["kernel"], (-1, d_g)), grads["bias"][None]], 0)
-  ref = np.linalg.solve(fisher + damping * np.eye(d_a * d_g), b.ravel()).reshape(d_a, d_g)
+  ref = oracles.kron_solve(big_a, big_g, damping, oracles.as_matrix(grads))
   tx = cgfac.scale_by_cgfac(
     damping, preconditioner="jacobi", curvature_batch_size=2, max_iters=500, tol=1e-12
   )

@@ -1,4 +1,5 @@
-"""Linen capture: per-example oracle, sequences, shared and lifted layers, errors, training."""
+"""Linen capture: per-example oracle, sequences, shared and lifted layers, errors (training on
+digits through ``cflax.apply_gradients``: ``tests/test_train_digits.py``)."""
 
 import flax.linen as nn
 import jax
@@ -317,37 +318,3 @@ def test_errors():
   pw = jax.jit(wrong_leading.init)(jax.random.key(0), jnp.ones((4, 2)))["params"]
   with pytest.raises(ValueError, match="contracts the leading"):
     cflax.value_grad_and_stats(wrong_leading, fisher="empirical")(pw, jnp.ones((4, 2)), labels[:2])
-
-
-def _digits():
-  from sklearn.datasets import load_digits
-
-  data = load_digits()
-  x = (data.data / 16.0).astype(np.float32)
-  return jnp.asarray(x), jnp.asarray(data.target.astype(np.int32))
-
-
-def test_jitted_linen_loop_on_digits():
-  x, y = _digits()
-  model = nn.Sequential([nn.Dense(32), nn.tanh, nn.Dense(10)])
-  params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
-  tx = cgfac.cgfac(learning_rate=0.3, damping=0.1, momentum=None, max_iters=5, kl_clip=None)
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  vgs = cflax.value_grad_and_stats(model, loss="softmax_cross_entropy", fisher="sampled")
-
-  @jax.jit
-  def step(state, xb, yb, key):
-    loss, grads, stats = vgs(state.params, xb, yb, key)
-    return cflax.apply_gradients(state, grads, layer_stats=stats), loss
-
-  def full_loss(p):
-    out = model.apply({"params": p}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
-
-  before = full_loss(state.params)
-  key = jax.random.key(1)
-  for i in range(30):
-    idx = jax.random.choice(jax.random.fold_in(key, i), x.shape[0], (128,), replace=False)
-    state, _ = step(state, x[idx], y[idx], jax.random.fold_in(key, 1000 + i))
-  after = full_loss(state.params)
-  assert after < 0.5 * before, (before, after)

@@ -1,4 +1,5 @@
-"""NNX capture: per-example oracle, shared layers, transforms, state, nnx.Optimizer training."""
+"""NNX capture: per-example oracle, shared layers, transforms, state (training through
+``nnx.Optimizer``: ``tests/test_train_digits.py``)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,6 @@ import optax
 import pytest
 from flax import nnx
 
-import cgfac_optax as cgfac
 from cgfac_optax import flax as cflax
 
 F64 = jnp.float64
@@ -205,41 +205,3 @@ def test_errors():
   with pytest.raises(ValueError, match="calls no layer"):
     cflax.nnx_value_grad_and_stats(norm_only, x, jnp.zeros((4,), jnp.int32), fisher="empirical")
   assert nnx.Linear.__call__ is ORIGINAL_CALL
-
-
-def test_nnx_optimizer_on_digits():
-  from sklearn.datasets import load_digits
-
-  data = load_digits()
-  x = jnp.asarray((data.data / 16.0).astype(np.float32))
-  y = jnp.asarray(data.target.astype(np.int32))
-
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.hidden = nnx.Linear(64, 32, rngs=rngs)
-      self.out = nnx.Linear(32, 10, rngs=rngs)
-
-    def __call__(self, v):
-      return self.out(jnp.tanh(self.hidden(v)))
-
-  model = Net(nnx.Rngs(0))
-  tx = cgfac.cgfac(learning_rate=0.3, damping=0.1, momentum=None, max_iters=5, kl_clip=None)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer, xb, yb, key):
-    loss, grads, stats = cflax.nnx_value_grad_and_stats(model, xb, yb, key)
-    optimizer.update(model, grads, layer_stats=stats)
-    return loss
-
-  full_loss = nnx.jit(lambda m: ce(m(x), y).mean())
-  before = full_loss(model)
-  key = jax.random.key(1)
-  for i in range(30):
-    idx = jax.random.choice(jax.random.fold_in(key, i), x.shape[0], (128,), replace=False)
-    step(model, optimizer, x[idx], y[idx], jax.random.fold_in(key, 1000 + i))
-  after = full_loss(model)
-  assert after < 0.5 * before, (before, after)
-  iterations = optimizer.opt_state[0].iterations
-  assert set(iterations) == {"hidden", "out"}
-  assert all(1 <= int(v[...]) <= 5 for v in iterations.values())

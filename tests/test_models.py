@@ -19,7 +19,7 @@ from flax import nnx
 from sklearn.datasets import load_digits
 
 import cgfac_optax as cgfac
-from cgfac_optax import _tree
+from cgfac_optax import _layers
 from cgfac_optax import flax as cflax
 
 
@@ -211,7 +211,7 @@ def _train(model, x, y, tx, steps, batch):
 
 def _changed(before, after):
   return {
-    _tree.path_str(p): bool(jnp.any(a != b))
+    _layers.path_str(p): bool(jnp.any(a != b))
     for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(after), jax.tree.leaves(before))
   }
 
@@ -242,7 +242,7 @@ def test_transformer_block_trains_on_a_toy_sequence_task():
   model = Block(vocab=vocab)
   tx = cgfac.cgfac(0.03, 0.1, solver="auto")  # default fallback: "diagonal"
   start, params, stats, losses = _train(model, tokens[:3500], targets[:3500], tx, 40, 32)
-  covered = {f"{p}/{leaf}" for p in _tree.flatten_stats(stats) for leaf in ("kernel", "bias")}
+  covered = {f"{p}/{leaf}" for p in _layers.flatten_stats(stats) for leaf in ("kernel", "bias")}
   fallback = {p for p in _changed(start, params) if p not in covered}
   assert fallback == {
     "Embed_0/embedding",
@@ -254,31 +254,3 @@ def test_transformer_block_trains_on_a_toy_sequence_task():
   assert np.mean(losses[:3]) > 2.0 and np.mean(losses[-5:]) < 0.1
   predictions = jnp.argmax(model.apply({"params": params}, tokens[3500:]), -1)
   assert jnp.mean(predictions == targets[3500:]) > 0.95
-
-
-def test_nnx_model_trains_with_nnx_optimizer():
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
-      self.norm = nnx.LayerNorm(4, rngs=rngs)
-      self.head = nnx.Linear(4 * 16, 10, rngs=rngs)
-
-    def __call__(self, x):
-      h = nnx.avg_pool(self.norm(jnp.tanh(self.conv(x))), (2, 2), (2, 2))
-      return self.head(h.reshape(h.shape[0], -1))
-
-  digits = load_digits()
-  x = jnp.asarray(digits.images[:256, ..., None] / 16.0, jnp.float32)
-  y = jnp.asarray(digits.target[:256])
-  model = Net(nnx.Rngs(0))
-  tx = cgfac.cgfac(0.3, 0.1, solver="auto")  # the LayerNorm gets the "diagonal" fallback
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer, rng):
-    loss, grads, stats = cflax.nnx_value_grad_and_stats(model, x, y, rng)
-    optimizer.update(model, grads, layer_stats=stats)
-    return loss
-
-  losses = [float(step(model, optimizer, jax.random.key(i))) for i in range(15)]
-  assert losses[-1] < 0.5 * losses[0]

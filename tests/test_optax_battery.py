@@ -10,8 +10,7 @@ import optax
 import pytest
 
 import cgfac_optax as cgfac
-
-SOLVERS = ["cg", "cg_materialized", "eigh", "lowrank"]
+from cgfac_optax._solvers import SOLVERS
 
 
 def _problem(dtype=jnp.float32, batch=6, seed=0):
@@ -45,43 +44,6 @@ def _close(got, want, rtol=1e-4, atol=0.0):
     assert np.linalg.norm(g - w) <= rtol * np.linalg.norm(w) + atol, (g, w)
 
   jax.tree.map(check, got, want)
-
-
-def test_jit_compiles_once():
-  # Shapes, dtypes and weak types of the state are checked for every solver through lax.cond
-  # below; this checks the jit cache itself with the solver that carries a while_loop.
-  params, grads, stats = _problem()
-  tx = cgfac.cgfac(0.1, 1e-2)
-  update = jax.jit(tx.update)
-  state = tx.init(params)
-  updates, state = update(grads, state, params, layer_stats=stats)
-  # New values, same shapes: the state that came out goes back in without a new trace.
-  grads2 = jax.tree.map(lambda g: 2.0 * g, grads)
-  updates2, state = update(grads2, state, params, layer_stats=stats)
-  updates3, state = update(grads, state, params, layer_stats=stats)
-  assert update._cache_size() == 1
-  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves((updates, updates2, updates3)))
-  assert int(state[0].count) == 3
-
-
-def test_no_recompile_seen_by_jax_log_compiles(caplog):
-  params, grads, stats = _problem()
-  tx = cgfac.scale_by_cgfac(1e-2)
-
-  @jax.jit
-  def step(params, state, grads, stats):
-    updates, state = tx.update(grads, state, params, layer_stats=stats)
-    return optax.apply_updates(params, updates), state
-
-  compiled = lambda: [r for r in caplog.records if re.search(r"compil.*jit\(step\)", r.message)]
-  state = tx.init(params)
-  with jax.log_compiles(), caplog.at_level("DEBUG", logger="jax"):
-    params, state = step(params, state, grads, stats)
-    assert compiled(), "the first call's compilation should be logged"
-    caplog.clear()
-    for _ in range(2):
-      params, state = step(params, state, grads, stats)
-    assert not compiled(), caplog.text
 
 
 def test_inside_chain_with_unknown_extra_args():
@@ -199,27 +161,81 @@ def test_multi_steps_accumulates_then_applies():
   assert update._cache_size() == 1
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
-def test_state_shapes_and_dtypes_stable_through_cond(solver):
-  params, grads, stats = _problem()
-  tx = cgfac.cgfac(0.1, 1e-2, solver=solver)
+def _with_uncovered(params, grads):
+  """Adds parameters without stats for the fallback: a norm's scale, an embedding, and a leaf
+  beside a layer's kernel and bias."""
+  params = {**params, "norm": {"scale": jnp.ones(3)}, "embed": {"embedding": jnp.zeros((5, 2))}}
+  grads = {**grads, "norm": {"scale": jnp.full(3, 0.5)}, "embed": {"embedding": jnp.ones((5, 2))}}
+  params["Dense_0"] = {**params["Dense_0"], "extra": jnp.zeros(4)}
+  grads["Dense_0"] = {**grads["Dense_0"], "extra": jnp.full(4, -0.25)}
+  return params, grads
+
+
+# What the state carries varies with the options: every solver's warm start and counters, the
+# "diagonal" fallback's moment (or none with "identity"), the clip factor of kl_clip, the damping
+# that adaptive damping changes, momentum in the alias's chain.
+STATE_CASES = {
+  **{s: dict(solver=s) for s in SOLVERS},
+  "identity_fallback": dict(fallback="identity"),
+  "adaptive_damping": dict(damping=cgfac.AdaptiveDamping(initial=1e-2, interval=1)),
+}
+
+
+@pytest.mark.parametrize("case", list(STATE_CASES))
+def test_state_is_stable_through_cond_and_jit(case, caplog):
+  """The state that comes out goes back in: same tree, shapes, dtypes and weak types (what
+  ``lax.cond`` demands of its branches), and a jitted step compiles once."""
+  params, grads = _with_uncovered(*_problem()[:2])
+  _, _, stats = _problem()
+  options = {"damping": 1e-2, **STATE_CASES[case]}
+  tx = cgfac.cgfac(0.1, options.pop("damping"), **options)
+  extra = {}
+  if case == "adaptive_damping":
+    loss = lambda p: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(p))
+    extra = {"value": loss(params), "value_fn": loss}
   state = tx.init(params)
 
-  def step(state):
-    _, state = tx.update(grads, state, params, layer_stats=stats)
-    return state
+  def update(grads, state):
+    return tx.update(grads, state, params, layer_stats=stats, **extra)
 
-  # lax.cond needs both branches to give the same tree of shapes and dtypes.
+  # lax.cond needs both branches to give the same tree of shapes, dtypes and weak types.
+  step = lambda s: update(grads, s)[1]
   new_state = jax.jit(lambda s, p: jax.lax.cond(p, step, lambda s: s, s))(state, True)
-  same = lambda a, b: (a.shape, a.dtype, a.weak_type) == (b.shape, b.dtype, b.weak_type)
-  assert jax.tree.all(
-    jax.tree.map(lambda a, b: same(jax.typeof(a), jax.typeof(b)), state, new_state)
+  types = lambda tree: jax.tree.map(
+    lambda x: (jax.typeof(x).shape, jax.typeof(x).dtype, jax.typeof(x).weak_type), tree
   )
   assert jax.tree.structure(state) == jax.tree.structure(new_state)
+  assert types(new_state) == types(state)
+  assert int(new_state[0].count) == 1  # the step branch ran
+
+  # New values, same shapes: the state that came out goes back in without a new trace, as the
+  # jit cache and JAX's compile log both show.
+  @jax.jit
+  def train_step(grads, state):
+    return update(grads, state)
+
+  compiled = lambda: [
+    r for r in caplog.records if re.search(r"compil.*jit\(train_step\)", r.getMessage())
+  ]
+  scaled = jax.tree.map(lambda g: 2.0 * g, grads)
+  with jax.log_compiles(), caplog.at_level("DEBUG", logger="jax"):
+    outputs, state = [], tx.init(params)
+    for g in (grads, scaled):
+      updates, state = train_step(g, state)
+      outputs.append(updates)
+    assert compiled(), "the first call's compilation should be logged"
+    caplog.clear()
+    updates, state = train_step(grads, state)
+    outputs.append(updates)
+    assert not compiled(), caplog.text
+  assert train_step._cache_size() == 1
+  assert types(state) == types(tx.init(params))
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(outputs))
+  assert int(state[0].count) == 3
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", list(SOLVERS))
 def test_params_keep_their_dtype(solver):
   # One tree mixing float32, bfloat16 and float64 layers, with float64 stats, under x64: any
   # promotion, or a dtype leaking from one layer into another in the shared CG loop, would show.

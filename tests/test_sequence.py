@@ -10,6 +10,8 @@ equals it, whether the per-example loss sums or averages its tokens.
 """
 
 import itertools
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,10 @@ import numpy as np
 import pytest
 
 import cgfac_optax as cgfac
-from cgfac_optax import _blocks
+from cgfac_optax import _layers
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import oracles  # noqa: E402
 
 B, T, D_IN, K = 4, 3, 2, 3
 
@@ -61,10 +66,11 @@ def _exact_fisher_and_expected_stats(params, x, reduce):
 
 
 def _a_factor(x):
-  a = _blocks.append_ones(_blocks.to_rows(x))
-  scale_a, _ = _blocks.factor_scales(cgfac.DenseStats(x, jnp.zeros((B, T, K))))
-  assert scale_a == 1 / (B * T)
-  return scale_a * a.T @ a
+  """The library's ``A`` of (B, T, d) inputs with a bias: its rows, scaled by its ``s_A``."""
+  rows = _layers.curvature_rows(cgfac.DenseStats(x, jnp.zeros((B, T, K))), True, None, x.dtype)
+  assert rows.scale_a == 1 / (B * T)
+  assert _layers.factor_scales(cgfac.DenseStats(x, jnp.zeros((B, T, K))))[0] == rows.scale_a
+  return rows.scale_a * rows.a.T @ rows.a
 
 
 @pytest.mark.parametrize("reduce", [jnp.sum, jnp.mean], ids=["sum", "mean"])
@@ -74,7 +80,7 @@ def test_expand_normalisation_equals_the_exact_fisher(reduce):
   # the same for all tokens, the case in which K-FAC-expand is exact.
   params = {"kernel": jnp.zeros((D_IN, K)), "bias": jnp.zeros(K)}
   fisher, g_factor = _exact_fisher_and_expected_stats(params, x, reduce)
-  block = np.kron(_a_factor(x), g_factor)
+  block = oracles.kron_matrix(_a_factor(x), g_factor)
   # T = 3 tokens: dividing G by rows (B T) instead of examples would miss by 3x.
   np.testing.assert_allclose(block, fisher, rtol=1e-10, atol=1e-14)
 
@@ -83,7 +89,7 @@ def test_expand_is_an_approximation_away_from_that_case():
   x = jax.random.normal(jax.random.key(0), (B, T, D_IN))
   params = {"kernel": jax.random.normal(jax.random.key(1), (D_IN, K)), "bias": jnp.zeros(K)}
   fisher, g_factor = _exact_fisher_and_expected_stats(params, x, jnp.sum)
-  block = np.kron(_a_factor(x), g_factor)
+  block = oracles.kron_matrix(_a_factor(x), g_factor)
   rel = np.linalg.norm(block - fisher) / np.linalg.norm(fisher)
   assert 1e-3 < rel < 1.0
 

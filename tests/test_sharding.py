@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from cgfac_optax._solvers import SOLVERS as SOLVER_TABLE
+
 ROOT = Path(__file__).resolve().parents[1]
-SOLVERS = ("cg", "cg_materialized", "eigh", "lowrank")
+SOLVERS = tuple(SOLVER_TABLE)
 DEVICES = 8
 
 
@@ -79,7 +81,7 @@ def test_sharded_steps_equal_single_device_steps(solver):
       assert all("data" in s for s in specs), specs
     else:
       assert all(s == "P()" for s in specs), specs
-  if solver.startswith("cg"):
+  if SOLVER_TABLE[solver].iterative:
     # The layers stop at different iterations, so termination is exercised, not max_iters.
     steps = [result[f"{MODELS[0]}/{solver}/dp"][s] for s in ("step1", "step2")]
     iterations = [n for step in steps for n in step["iterations"].values()]
@@ -125,11 +127,21 @@ def _bytes_by_kind(collectives, in_loop):
 
 
 def test_collectives_of_the_demo_step_match_the_documented_counts():
+  assert set(CLAIMS) <= set(SOLVERS)
   result = run_worker("collectives", ",".join(SOLVERS))
   for solver, (per_step, per_iteration) in CLAIMS.items():
     found = result[f"{solver}/dp"]
     assert _bytes_by_kind(found, False) == per_step, solver
     assert _bytes_by_kind(found, True) == per_iteration, solver
+  # Every solver in the table, documented in the README or not, exchanges what its record's
+  # communication model says: once per step, and per CG iteration.
+  for m in (0, 3):
+    plan = _demo_plan(data_shards=DEVICES, cg_iters=m)
+    for solver in SOLVERS:
+      found = result[f"{solver}/dp"]
+      once = sum(_bytes_by_kind(found, False).values()) - GRADIENTS
+      measured = once + m * sum(_bytes_by_kind(found, True).values())
+      assert sum(lp.communication_bytes[solver] for lp in plan.values()) == measured, solver
   # Matrix-free CG, per iteration: each layer all-reduces one d_A x d_G product and gathers
   # its B x d_G output-gradient rows (one collective each: the product sits in a lax.cond).
   loop = [c for c in result["cg/dp"] if c["in_loop"]]
@@ -214,20 +226,23 @@ def _demo_plan(**kwargs):
 
 
 def test_plan_communication_is_what_the_compiled_step_exchanges():
-  from cgfac_optax import _plan
+  # The README's counts (CLAIMS); the collectives test above compares every solver's model with
+  # the compiled step itself.
+  from cgfac_optax._layers import LayerShape
 
+  assert set(CLAIMS) <= set(SOLVERS)
   grads = GRADIENTS
   per_step = {s: sum(v.values()) - grads for s, (v, _) in CLAIMS.items()}
   per_iteration = {s: sum(v.values()) for s, (_, v) in CLAIMS.items()}
   for m in (0, 3):
     plan = _demo_plan(data_shards=DEVICES, cg_iters=m)
-    for solver in SOLVERS:
+    for solver in CLAIMS:
       measured = per_step[solver] + m * per_iteration[solver]
       assert sum(lp.communication_bytes[solver] for lp in plan.values()) == measured, solver
   # The narrow side of the matrix-free product (d_A <= d_G): (V g^T) gathered, a^T k reduced.
-  narrow = _plan.solver_communication(256, 65, 512, cg_iters=0, data_shards=8)["cg"]
+  narrow = SOLVER_TABLE["cg"].communication(LayerShape(256, 65, 512), 0, 8)
   assert 4 * narrow == NARROW_PRODUCT_BYTES
-  assert _plan.solver_communication(256, 65, 512, cg_iters=3, data_shards=1)["cg"] == 0
+  assert SOLVER_TABLE["cg"].communication(LayerShape(256, 65, 512), 3, 1) == 0
 
 
 def test_plan_for_data_shards_divides_row_work_and_counts_communication():

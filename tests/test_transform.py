@@ -1,6 +1,8 @@
 """``scale_by_cgfac`` on several layers at once against the dense solve, and its errors."""
 
+import pathlib
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,10 @@ import numpy as np
 import pytest
 
 import cgfac_optax as cgfac
+from cgfac_optax._solvers import SOLVERS
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import oracles  # noqa: E402
 
 GAMMA = 0.05
 # Layer name -> (d_in, d_out, has bias, leading dims of its stats or None for no stats).
@@ -49,20 +55,7 @@ def _dense_update(grads, stats, gamma=GAMMA):
   """
   out = jax.tree.map(lambda g: np.asarray(g) / (np.square(g) + gamma), grads)
   for name, st in stats.items():
-    x, g = np.asarray(st.inputs), np.asarray(st.output_grads)
-    x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    examples = st.inputs.shape[0]
-    has_bias = "bias" in grads[name]
-    a = np.concatenate([x, np.ones((len(x), 1))], 1) if has_bias else x
-    big_a, big_g = a.T @ a / len(a), g.T @ g / examples
-    matrix = np.kron(big_a, big_g) + gamma * np.eye(big_a.shape[0] * big_g.shape[0])
-    rhs = np.asarray(grads[name]["kernel"])
-    if has_bias:
-      rhs = np.concatenate([rhs, np.asarray(grads[name]["bias"])[None]])
-    sol = np.linalg.solve(matrix, rhs.reshape(-1)).reshape(rhs.shape)
-    out[name]["kernel"] = sol[: x.shape[1]]
-    if has_bias:
-      out[name]["bias"] = sol[-1]
+    out[name] = oracles.from_matrix(oracles.layer_solve(st, grads[name], gamma), grads[name])
   return out
 
 
@@ -70,12 +63,20 @@ def _assert_trees_close(got, want, rtol):
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol), got, want)
 
 
+# Every exact solver in the table, iterative ones run to convergence; Jacobi-preconditioned CG
+# too for the iterative solvers that offer a diagonal. (A solver that damps otherwise has its own
+# oracle in tests/test_solvers.py.)
 SOLVER_OPTIONS = {
-  "lowrank": {},
-  "eigh": {},
-  "cg": {"max_iters": 200, "tol": 1e-13},
-  "cg_jacobi": {"max_iters": 200, "tol": 1e-13, "preconditioner": "jacobi"},
-  "cg_materialized": {"max_iters": 200, "tol": 1e-13},
+  **{
+    n: {"max_iters": 200, "tol": 1e-13} if s.iterative else {}
+    for n, s in SOLVERS.items()
+    if s.exact
+  },
+  **{
+    f"{n}_jacobi": {"max_iters": 200, "tol": 1e-13, "preconditioner": "jacobi"}
+    for n, s in SOLVERS.items()
+    if s.diagonal is not None
+  },
 }
 
 
@@ -84,24 +85,31 @@ SOLVER_OPTIONS = {
 def test_solvers_agree_with_dense_solve(solver):
   params, grads, stats = _setup()
   options = dict(SOLVER_OPTIONS[solver])
-  tx = cgfac.scale_by_cgfac(GAMMA, solver=solver.replace("_jacobi", ""), **options)
+  method = SOLVERS[solver.removesuffix("_jacobi")]
+  tx = cgfac.scale_by_cgfac(GAMMA, solver=method.name, **options)
   state = tx.init(params)
   updates, state = jax.jit(tx.update)(grads, state, params, layer_stats=stats)
-  want = _dense_update(grads, stats)
-  _assert_trees_close(updates, want, rtol=1e-8)
-  # No stats: the default fallback's damped diagonal step (checked in _dense_update), which
-  # tests/test_fallback.py checks over several steps and against fallback="identity".
-  assert sorted(state.iterations) == ["Dense_0", "Dense_1", "Dense_2", "Dense_3"]
-  assert state.iterations["Dense_2"] == 0
-  if solver.startswith("cg"):
-    for name in WITH_STATS:
+  # Every layer with stats is the dense Kronecker solve, and so is the warm start kept in the
+  # state (this step's solution).
+  assert sorted(stats) == WITH_STATS
+  for name in WITH_STATS:
+    want = oracles.layer_solve(stats[name], grads[name], GAMMA)
+    np.testing.assert_allclose(oracles.as_matrix(updates[name]), want, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(oracles.as_matrix(state.solution[name]), want, rtol=1e-8, atol=1e-8)
+    # The K-FAC step is not the fallback's diagonal step, so the check above can fail.
+    diagonal = oracles.as_matrix(jax.tree.map(lambda g: g / (g * g + GAMMA), grads[name]))
+    assert not np.allclose(want, diagonal, rtol=1e-2)
+    if method.iterative:
       assert 1 <= state.iterations[name] <= 200
       assert state.residual[name] <= 1e-12
-  else:
-    assert all(int(v) == 0 for v in state.iterations.values())
-  # The warm start kept in the state is this step's solution; zeros where there are no stats.
-  for name in WITH_STATS:
-    _assert_trees_close(state.solution[name], updates[name], rtol=1e-12)
+    else:
+      assert int(state.iterations[name]) == 0 and float(state.residual[name]) == 0
+  # No stats: the default fallback's damped diagonal step (checked in _dense_update), which
+  # tests/test_fallback.py checks over several steps and against fallback="identity"; no
+  # iterations and a zero warm start.
+  _assert_trees_close(updates, _dense_update(grads, stats), rtol=1e-8)
+  assert sorted(state.iterations) == ["Dense_0", "Dense_1", "Dense_2", "Dense_3"]
+  assert state.iterations["Dense_2"] == 0
   assert not any(bool(jnp.any(x)) for x in jax.tree.leaves(state.solution["Dense_2"]))
   assert int(state.count) == 1
 
@@ -124,14 +132,17 @@ def test_curvature_batch_size_uses_the_first_examples():
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("solver", ["cg", "cg_materialized"])
+@pytest.mark.parametrize("solver", [n for n, s in SOLVERS.items() if s.iterative])
 def test_warm_start_converges_at_once_on_the_same_inputs(solver):
   params, grads, stats = _setup(seed=2)
   tx = cgfac.scale_by_cgfac(GAMMA, solver=solver, max_iters=100, tol=1e-6)
   update = jax.jit(tx.update)
   state = tx.init(params)
   first, state = update(grads, state, params, layer_stats=stats)
-  assert all(int(state.iterations[n]) >= 3 for n in stats)
+  # From zero, plain CG needs several iterations; a solver with its own preconditioner may
+  # need only one (an exact one).
+  least = 1 if SOLVERS[solver].preconditioner is not None else 3
+  assert all(int(state.iterations[n]) >= least for n in stats)
   second, state = update(grads, state, params, layer_stats=stats)
   assert all(int(state.iterations[n]) in (0, 1) for n in stats), state.iterations
   assert all(float(state.residual[n]) <= 1e-6 for n in stats)
@@ -157,20 +168,16 @@ def test_without_warm_start_every_solve_starts_from_zero():
 
 
 def test_stats_may_be_a_single_layer_at_the_root():
-  rng = np.random.default_rng(4)
-  params = {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}
-  grads = {"kernel": jnp.asarray(rng.normal(size=(3, 2))), "bias": jnp.asarray(rng.normal(size=2))}
-  x, g = jnp.asarray(rng.normal(size=(6, 3))), jnp.asarray(rng.normal(size=(6, 2)))
+  params, grads, stats = oracles.dense_layer(4, 3, 2, (6,), name=None, random_grads=True)
+  params, grads, stats = jax.tree.map(jnp.asarray, (params, grads, stats))
   tx = cgfac.scale_by_cgfac(GAMMA, solver="eigh")
-  updates, state = jax.jit(tx.update)(
-    grads, tx.init(params), params, layer_stats=cgfac.DenseStats(x, g)
-  )
-  want = _dense_update({"l": grads}, {"l": cgfac.DenseStats(x, g)})["l"]
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params, layer_stats=stats)
+  want = oracles.from_matrix(oracles.layer_solve(stats, grads, GAMMA), grads)
   _assert_trees_close(updates, want, rtol=1e-4)
   assert list(state.iterations) == [""]
 
 
-@pytest.mark.parametrize("solver", ["cg", "cg_materialized", "eigh", "lowrank"])
+@pytest.mark.parametrize("solver", list(SOLVERS))
 def test_non_finite_input_skips_the_layer_and_keeps_the_state_finite(solver):
   # Every solver skips a layer with a non-finite gradient (Dense_0) or non-finite stats
   # (Dense_1): zero update, zero warm start, counted; the other layers are untouched, and the
@@ -268,10 +275,7 @@ def test_leading_dims_mismatch(a_shape, g_shape):
     ({"max_iters": True}, "max_iters must be an int >= 1, got True"),
     ({"max_iters": jnp.asarray(2.0)}, "max_iters must be an int >= 1, got Array(2."),
     ({"tol": -1e-3}, "tol must be >= 0, got -0.001"),
-    (
-      {"solver": "qr"},
-      "solver must be 'auto', one of ['cg', 'cg_materialized', 'eigh', 'lowrank'], or a dict",
-    ),
+    ({"solver": "qr"}, f"solver must be 'auto', one of {list(SOLVERS)}, or a dict"),
     ({"curvature_batch_size": 0}, "curvature_batch_size must be None or an int >= 1, got 0"),
     ({"curvature_batch_size": 8.0}, "curvature_batch_size must be None or an int >= 1, got 8.0"),
     ({"preconditioner": "ilu"}, "preconditioner must be one of (None, 'jacobi'), got 'ilu'"),
