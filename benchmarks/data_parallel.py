@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo  # noqa: E402
 import hlo_collectives  # noqa: E402
 
-SOLVERS = ("cg", "cg_materialized", "eigh", "lowrank")
+from cgfac_optax._solvers import SOLVERS  # noqa: E402
+
 LAYOUTS = ("dp", "fsdp")
 DEMO_WIDTHS = (784, 256, 128, 10)
 

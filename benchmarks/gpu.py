@@ -40,6 +40,11 @@ def main(argv=None):
       *common,
       "--tasks",
       "autoencoder-mnist",
+      # kfac-jax's venv has CPU JAX only: on an accelerator it would not be a like comparison.
+      "--optimizers",
+      "adam",
+      "muon",
+      "cgfac",
       "--budget",
       str(args.budget),
       "--seeds",

@@ -5,7 +5,7 @@ for a dense layer with ``--d-in`` inputs (plus bias): the number of outputs
 (256 ... 32768) at a fixed number of curvature rows, and the rows (64 ... 8192) at
 a fixed width. CG runs from a cold start with ``max_iters`` iterations (the worst
 case: a warm start only makes it cheaper). A solve whose predicted working set
-(DESIGN.md's cost model) exceeds the available memory, or whose predicted time
+(the solver record's cost model) exceeds the available memory, or whose predicted time
 exceeds ``--max-seconds``, is not run and is reported as such: this is where
 standard K-FAC (``eigh``) runs out. Memory is XLA's buffer assignment for the
 compiled update (arguments + outputs + temporaries), which is also what a GPU
@@ -26,29 +26,20 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-SOLVERS = ("cg", "cg_materialized", "eigh", "lowrank")
+from cgfac_optax._layers import LayerShape
+from cgfac_optax._solvers import SOLVERS
 
 
 def predicted(solver: str, rows: int, d_a: int, d_g: int, iters: int) -> tuple[float, float]:
-  """(flops, bytes) of one solve from DESIGN.md's cost model (float32, 2 flops per MAC)."""
-  n = d_a * d_g
-  vectors = 8 * n  # grad, solution, warm start, CG's r, p, Ap, update, state
-  rows_bytes = rows * (d_a + d_g)
-  if solver == "cg":
-    flops = (iters + 1) * (4 * rows * n + 4 * rows * rows * d_g)
-    words = vectors + rows_bytes + rows * rows
-  elif solver == "cg_materialized":
-    flops = 2 * rows * (d_a**2 + d_g**2) + (iters + 1) * 2 * n * (d_a + d_g)
-    words = vectors + rows_bytes + d_a**2 + d_g**2
-  elif solver == "eigh":
-    flops = 2 * rows * (d_a**2 + d_g**2) + 9 * (d_a**3 + d_g**3) + 4 * n * (d_a + d_g)
-    words = vectors + rows_bytes + 3 * (d_a**2 + d_g**2)
-  elif solver == "lowrank":
-    flops = 8 * rows * rows * (d_a + d_g) + 18 * rows**3 + 8 * rows * n
-    words = vectors + 3 * rows_bytes + 2 * rows * rows
-  else:
-    raise ValueError(solver)
-  return float(flops), float(4 * words)
+  """(flops, bytes) of one solve: the solver record's cost model, plus the d_A x d_G vectors.
+
+  Besides its curvature data a solve holds about eight ``d_A x d_G`` arrays (gradient, solution,
+  warm start, CG's r, p and Ap, update, state) and the stats' rows.
+  """
+  shape = LayerShape(rows, d_a, d_g)
+  record = SOLVERS[solver]
+  words = 8 * d_a * d_g + rows * (d_a + d_g) + record.memory(shape)
+  return float(record.flops(shape, iters, 1)), float(4 * words)
 
 
 def available_bytes() -> float:

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cgfac_optax._solvers import SOLVERS
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -65,27 +67,75 @@ def test_step_cost_tiny(tmp_path):
   assert "### Training step" in res["tables"][0]
 
 
+def _check_run(run: dict, budget: float):
+  c = run["curve"]
+  assert run["steps"] > 0 and not run["diverged"]
+  assert all(np.isfinite(c["loss"])), c["loss"]
+  assert c["loss"][-1] < c["loss"][0], f"the loss did not decrease: {c['loss']}"
+  assert c["steps"][0] == 0 and c["steps"][-1] == run["steps"]
+  assert c["steps"] == sorted(c["steps"]) and c["time"] == sorted(c["time"])
+  assert budget <= run["wall_s"] == pytest.approx(c["time"][-1])
+  assert run["step_s_mean"] == pytest.approx(run["wall_s"] / run["steps"])
+
+
 @pytest.mark.slow
 def test_time_to_target_tiny(tmp_path):
-  res = run_script("time_to_target.py", tmp_path, "--tasks", "autoencoder-mnist", "cnn-mnist")
-  for task in ("autoencoder-mnist", "cnn-mnist"):
+  tasks = ("autoencoder-mnist", "cnn-mnist")
+  res = run_script("time_to_target.py", tmp_path, "--tasks", *tasks)
+  budget = res["settings"]["budget"]
+  expected = {"adam", "muon", "cgfac"}
+  if vs_kfac_jax.venv_ready(vs_kfac_jax.VENV):
+    expected.add("kfac_jax")
+  env = res["environment"]
+  assert len(env["load_average_start"]) == 3 and len(env["load_average_end"]) == 3
+  assert {"cpu", "jax", "optax", "cgfac_optax"} <= set(env)
+  for task in tasks:
     t = res["tasks"][task]
-    adam = t["optimizers"]["adam"]
-    assert len(adam["sweep"]) == 3
-    assert adam["runs"][0]["final_loss"] == pytest.approx(t["target"])
-    assert adam["reached"] == 1
-    assert {"sgd_momentum", "kfac_eigh", "cgfac"} <= set(t["optimizers"])
-    for o in t["optimizers"].values():
-      run = o["runs"][0]
-      assert run["steps"] == 5 or run["diverged"]
-      assert [s for _, s, _ in run["history"]] == sorted(s for _, s, _ in run["history"])
+    model = task.split("-")[0]
+    assert set(t["optimizers"]) == expected == set(t["summary"])
+    for name, o in t["optimizers"].items():
+      assert o["source"] == "registry" and o["settings"] == res["registry"][name][model]
+      (run,) = o["runs"]
+      _check_run(run, budget)
+      if model == "cnn":
+        assert all(0.0 <= a <= 1.0 for a in run["curve"]["accuracy"])
+      s = t["summary"][name]
+      assert s["best_loss_median"] == pytest.approx(min(run["curve"]["loss"]))
+      assert s["step_ms_mean"] > 0 and s["steps_median"] == run["steps"]
+      assert set(s["reaches"]) == expected - {name}
+      for peer, r in s["reaches"].items():
+        assert r["target"] == pytest.approx(t["summary"][peer]["best_loss_median"])
+        (seed,) = r["per_seed"]
+        assert r["reached"] == (seed["time_s"] is not None)
+        if seed["time_s"] is None:
+          assert r["budget_ratio_median"] is None and min(run["curve"]["loss"]) > r["target"]
+        else:
+          assert r["budget_ratio_median"] == seed["budget_ratio"] == seed["time_s"] / budget
+          assert 0 < seed["budget_ratio"] <= run["wall_s"] / budget
+    assert len(t["pairs"]) == len(expected) * (len(expected) - 1)
+    assert t["table"].count("\n") == len(expected) + 1
+
+
+@pytest.mark.slow
+def test_time_to_target_tune_tiny(tmp_path):
+  res = run_script(
+    "time_to_target.py",
+    tmp_path,
+    *("--tune", "--tasks", "autoencoder-mnist", "--optimizers", "adam", "cgfac"),
+  )
+  for name, o in res["tasks"]["autoencoder-mnist"]["optimizers"].items():
+    assert o["source"] == "tuned" and len(o["tuning"]) == 3
+    assert len({json.dumps(r["settings"], sort_keys=True) for r in o["tuning"]}) == 3
+    best = min(o["tuning"], key=lambda r: r["final_loss"] if np.isfinite(r["final_loss"]) else 1e30)
+    assert o["settings"] == best["settings"], name
+    _check_run(o["runs"][0], res["settings"]["budget"])
 
 
 @pytest.mark.slow
 def test_scaling_tiny(tmp_path):
   res = run_script("scaling.py", tmp_path)
   solved = [e for e in res["results"] if "skipped" not in e]
-  assert {e["solver"] for e in solved} == {"cg", "cg_materialized", "eigh", "lowrank"}
+  assert {e["solver"] for e in solved} == set(SOLVERS)
   assert all(e["time_s"] > 0 for e in solved)
 
 

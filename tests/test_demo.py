@@ -17,11 +17,13 @@ def test_demo_smoke(tmp_path, monkeypatch, capsys):
   captured = capsys.readouterr()
   lines = captured.out.splitlines()
   header = next(i for i, line in enumerate(lines) if line.startswith("optimizer"))
-  assert "wall s" in lines[header] and "mean CG iterations per layer" in lines[header]
+  assert "wall s" in lines[header] and "alpha, mu, damping" in lines[header]
   rows = lines[header + 2 : header + 5]
-  assert [r.split()[0] for r in rows] == ["CG-FAC", "Adam", "K-FAC"]
+  assert [r.split()[0] for r in rows] == ["CG-FAC", "Adam", "Muon"]
   assert all(r[14:20].strip() == "3" for r in rows)  # the steps column
-  assert "Dense_0" in rows[0] and "direct solve" in rows[2]
+  alpha, mu, damping = (float(v) for v in rows[0].split("   ")[-1].split(", "))
+  assert alpha > 0 and damping > 0  # the quadratic model chose a step
+  assert rows[1].rstrip().endswith("-") and rows[2].rstrip().endswith("-")
   assert "100%" in captured.err  # the progress bars ran to the end
   png = out / "demo.png"
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
