@@ -142,6 +142,92 @@ def _nest(flat: dict[tuple, Any]) -> Any:
   return out
 
 
+def _shape_pass(forward: Callable, params: Any, kind, loss: str, targets) -> tuple[Recorder, int]:
+  """Traces ``forward`` once for shapes only: the captured calls and the number of examples.
+
+  Raises:
+    ValueError: when the targets do not fit the outputs, no layer is captured, or a layer
+      runs inside a mapping transformation (its inputs leave the forward pass reshaped).
+  """
+  shapes = Recorder()
+  outputs_shape, inputs_shape, _ = jax.eval_shape(lambda p: forward(p, None, shapes), params)
+  _losses.check_targets(kind, loss, outputs_shape, targets)
+  if not shapes.uses:
+    names = sorted(_class_name(cls) for cls in RULES)
+    raise ValueError(
+      "the model calls no layer whose curvature can be captured; supported layer classes "
+      f"(and subclasses): {names}"
+    )
+  for key, use in shapes.uses.items():
+    seen = inputs_shape.get(key)
+    if seen is None or tuple(seen.shape) != use.inputs_shape:
+      raise ValueError(
+        f"layer {path_str(use.path)!r} sees inputs of shape {use.inputs_shape} inside its "
+        f"call but they come out of the forward pass as "
+        f"{None if seen is None else tuple(seen.shape)}: the layer runs inside a "
+        "transformation that maps or stacks over it (nn.scan, nn.vmap, ...), whose "
+        "per-call statistics cannot be captured; call the layer outside the transformation"
+      )
+  return shapes, outputs_shape.shape[0]
+
+
+def _vjp_pass(forward, params, shapes: Recorder, kind, targets, rng, *, fisher, weights, examples):
+  """One forward under ``jax.vjp``, pulled back once or twice.
+
+  Returns ``(loss, grads, output_grads, inputs, aux, recorder)``: ``output_grads`` by call
+  key, the per-example loss gradients (empirical) or those of sampled targets.
+  """
+  perturbations = {
+    key: jnp.zeros(use.output.shape, use.output.dtype) for key, use in shapes.uses.items()
+  }
+  recorder = Recorder(planned=shapes.uses)
+  outputs, vjp_fn, (inputs, aux) = jax.vjp(
+    lambda p, e: _split_aux(forward(p, e, recorder)), params, perturbations, has_aux=True
+  )
+  if recorder.uses.keys() != shapes.uses.keys():
+    raise RuntimeError(
+      "the model called different layers in two traces of the same forward pass: "
+      f"{sorted(shapes.uses)} then {sorted(recorder.uses)}"
+    )
+
+  def mean_loss(y):
+    per_example = kind.per_example(y, targets)
+    if weights is None:
+      return jnp.mean(per_example)
+    w = weights.astype(per_example.dtype)
+    return jnp.sum(w * per_example) / jnp.sum(w)
+
+  value, cotangent = jax.value_and_grad(mean_loss)(outputs)
+  grads, output_grads = vjp_fn(cotangent)
+  dtype = outputs.dtype
+  if fisher == "sampled":
+    sampled = jax.lax.stop_gradient(kind.sample(rng, outputs))
+    c = _example_factor(weights, examples, dtype, empirical=False)
+    cotangent = jax.grad(lambda y: jnp.sum(c * kind.per_example(y, sampled)))(outputs)
+    _, output_grads = vjp_fn(cotangent)
+  else:
+    c = _example_factor(weights, examples, dtype, empirical=True)
+    output_grads = {k: _scale_rows(v, c) for k, v in output_grads.items()}
+  return value, grads, output_grads, inputs, aux, recorder
+
+
+def _assemble_stats(recorder: Recorder, inputs, output_grads, params, examples: int):
+  """Each layer's :class:`DenseStats` from all its calls, nested like the params."""
+  parts: dict[tuple, list] = {}
+  for key, use in sorted(recorder.uses.items(), key=lambda kv: kv[1].index):
+    parts.setdefault(use.path, []).append((inputs[key], use.output_grads(output_grads[key])))
+  layers = set(_layers.layer_paths(params))
+  stats = {}
+  for path, uses in parts.items():
+    if path_str(path) not in layers:
+      raise ValueError(
+        f"layer {path_str(path)!r} is called in the forward pass but the params have no "
+        f"{path_str(path) + '/kernel'!r}; its stats would have no parameters to precondition"
+      )
+    stats[path] = _merge_uses(path, uses, examples)
+  return _nest(stats)
+
+
 def run(
   forward: Callable,
   params: Any,
@@ -174,77 +260,15 @@ def run(
       "PRNG key: pass rng=jax.random.key(...) (or use fisher='empirical')"
     )
   targets = jnp.asarray(targets)
-
-  shapes = Recorder()
-  outputs_shape, inputs_shape, _ = jax.eval_shape(lambda p: forward(p, None, shapes), params)
-  _losses.check_targets(kind, loss, outputs_shape, targets)
-  examples = outputs_shape.shape[0]
-  if not shapes.uses:
-    names = sorted(_class_name(cls) for cls in RULES)
-    raise ValueError(
-      "the model calls no layer whose curvature can be captured; supported layer classes "
-      f"(and subclasses): {names}"
-    )
-  for key, use in shapes.uses.items():
-    seen = inputs_shape.get(key)
-    if seen is None or tuple(seen.shape) != use.inputs_shape:
-      raise ValueError(
-        f"layer {path_str(use.path)!r} sees inputs of shape {use.inputs_shape} inside its "
-        f"call but they come out of the forward pass as "
-        f"{None if seen is None else tuple(seen.shape)}: the layer runs inside a "
-        "transformation that maps or stacks over it (nn.scan, nn.vmap, ...), whose "
-        "per-call statistics cannot be captured; call the layer outside the transformation"
-      )
+  shapes, examples = _shape_pass(forward, params, kind, loss, targets)
   if weights is not None:
     weights = jnp.asarray(weights)
     if weights.shape != (examples,):
       raise ValueError(f"weights must have shape ({examples},), got {weights.shape}")
-
-  perturbations = {
-    key: jnp.zeros(use.output.shape, use.output.dtype) for key, use in shapes.uses.items()
-  }
-  recorder = Recorder(planned=shapes.uses)
-  outputs, vjp_fn, (inputs, aux) = jax.vjp(
-    lambda p, e: _split_aux(forward(p, e, recorder)), params, perturbations, has_aux=True
+  value, grads, output_grads, inputs, aux, recorder = _vjp_pass(
+    forward, params, shapes, kind, targets, rng, fisher=fisher, weights=weights, examples=examples
   )
-  if recorder.uses.keys() != shapes.uses.keys():
-    raise RuntimeError(
-      "the model called different layers in two traces of the same forward pass: "
-      f"{sorted(shapes.uses)} then {sorted(recorder.uses)}"
-    )
-
-  def mean_loss(y):
-    per_example = kind.per_example(y, targets)
-    if weights is None:
-      return jnp.mean(per_example)
-    w = weights.astype(per_example.dtype)
-    return jnp.sum(w * per_example) / jnp.sum(w)
-
-  value, cotangent = jax.value_and_grad(mean_loss)(outputs)
-  grads, output_grads = vjp_fn(cotangent)
-  dtype = outputs.dtype
-  if fisher == "sampled":
-    sampled = jax.lax.stop_gradient(kind.sample(rng, outputs))
-    c = _example_factor(weights, examples, dtype, empirical=False)
-    cotangent = jax.grad(lambda y: jnp.sum(c * kind.per_example(y, sampled)))(outputs)
-    _, output_grads = vjp_fn(cotangent)
-  else:
-    c = _example_factor(weights, examples, dtype, empirical=True)
-    output_grads = {k: _scale_rows(v, c) for k, v in output_grads.items()}
-
-  parts: dict[tuple, list] = {}
-  for key, use in sorted(recorder.uses.items(), key=lambda kv: kv[1].index):
-    parts.setdefault(use.path, []).append((inputs[key], use.output_grads(output_grads[key])))
-  layers = set(_layers.layer_paths(params))
-  stats = {}
-  for path, uses in parts.items():
-    if path_str(path) not in layers:
-      raise ValueError(
-        f"layer {path_str(path)!r} is called in the forward pass but the params have no "
-        f"{path_str(path) + '/kernel'!r}; its stats would have no parameters to precondition"
-      )
-    stats[path] = _merge_uses(path, uses, examples)
-  return value, grads, _nest(stats), aux
+  return value, grads, _assemble_stats(recorder, inputs, output_grads, params, examples), aux
 
 
 def _split_aux(result):
