@@ -239,8 +239,59 @@ def _write_back(system: _System, solution: _Solution, clip: ScaledSum, grads, wa
   return _Written(updates, solution_leaves, ~(solution.ok & fits))
 
 
-def _probe(param_leaves, updates, moved: set[int], learning_rate, treedef):
-  """``() -> params - lr * updates`` on the layers with stats (the adaptive-damping probe point)."""
+def _overlay(leaves, parts) -> list:
+  """``leaves`` with the ``{index: leaf}`` of each part written over them."""
+  out = list(leaves)
+  for part in parts:
+    for i, leaf in part.items():
+      out[i] = leaf
+  return out
+
+
+def _kl_clip(systems, solutions, learning_rate, bound) -> ScaledSum:
+  if not systems or bound is None:
+    return _clipping.no_clip(jnp.float32)
+  return _clipping.kl_clip_factor(_x_dot_grad(systems, solutions), learning_rate, bound)
+
+
+def _fallback_stage(fallback, decay, paths, grads, out, layers, state, gamma, treedef):
+  """The updates with every uncovered leaf's fallback written in, and the new moments."""
+  covered = _layers.covered(layers)
+  missing = [i for i in range(len(grads)) if i not in covered]
+  moments = state.fallback_moment
+  if moments is not None:
+    moments = treedef.flatten_up_to(moments)
+  fallback_out, new_moments = _fallback.updates(
+    fallback, paths, grads, missing, moments, gamma, state.count, decay
+  )
+  if moments is not None:
+    moments = _overlay(moments, [new_moments])
+  return _overlay(out, [fallback_out]), moments
+
+
+class _Step(NamedTuple):
+  """The output leaves and what the next damping and state need of the step taken."""
+
+  out: list  # the transformation's output by leaf (the gradient's sign)
+  previous: Any  # the state's previous_update after this step
+  coefficients: Any  # the state's coefficients after this step
+  predicted: jax.Array | None  # the quadratic model's change along the probed step
+  probe: Any  # () -> params at the probed step
+
+
+def _fixed_rate_prediction(systems, solutions, learning_rate, clip, damping) -> jax.Array:
+  """The quadratic model's change along ``-lr c x`` (see :mod:`cgfac_optax._damping`)."""
+  x_sq = _clipping.scaled_sum(
+    [jnp.sum(x.x * x.x) for x in solutions], [2 * s.unit.exponent for s in systems]
+  )
+  step = jnp.asarray(learning_rate, jnp.float32) * clip.value()
+  xg = _x_dot_grad(systems, solutions).value()
+  return _damping.predicted_change(xg, x_sq.value(), damping, step)
+
+
+def _probe(params, updates, moved: set[int], learning_rate, treedef):
+  """``() -> params - lr * updates`` on the leaves ``moved`` (the adaptive-damping probe point)."""
+  param_leaves = treedef.flatten_up_to(params)
 
   def probe():
     leaves = [
@@ -250,6 +301,28 @@ def _probe(param_leaves, updates, moved: set[int], learning_rate, treedef):
     return treedef.unflatten(leaves)
 
   return probe
+
+
+def _next_damping(damping, state, gamma, step: _Step, value, value_fn, treedef) -> jax.Array:
+  """A schedule's value (the last good one if not finite), or the adapted damping."""
+  current = jnp.asarray(gamma, jnp.float32)
+  current = jnp.where(jnp.isfinite(current), current, state.control.damping)
+  if not isinstance(damping, AdaptiveDamping) or step.probe is None:
+    return current
+  return _control.adapted_damping(
+    damping, state.count, current, value, value_fn, step.probe, step.predicted
+  )
+
+
+def _layer_records(state, layers, solutions, written):
+  """The state's per-layer CG iterations, residuals and skip counts after this step."""
+  iterations, residual = dict(state.iterations), dict(state.residual)
+  skipped = dict(state.control.skipped)
+  for layer, x, w in zip(layers, solutions, written):
+    iterations[layer.path] = jnp.where(w.skipped, 0, x.iterations)
+    residual[layer.path] = jnp.where(w.skipped, 1, x.residual).astype(jnp.float32)
+    skipped[layer.path] = skipped[layer.path] + w.skipped.astype(jnp.int32)
+  return iterations, residual, skipped
 
 
 def _check_curvature_model(params, curvature_model) -> None:
@@ -262,12 +335,13 @@ def _check_curvature_model(params, curvature_model) -> None:
     )
 
 
-def _quadratic_step(out, grads, previous, params, model, gamma, treedef):
-  """``-delta`` by leaf, ``(alpha, mu)``, and the undamped model's change at ``delta``.
+def _quadratic_step(out, grads, previous, params, model, gamma, treedef) -> _Step:
+  """``-delta`` by leaf, ``(alpha, mu)``, the undamped model's change at ``delta``, the probe.
 
   ``D = -out`` is the preconditioned direction (every parameter, fallback
   included). A non-finite ``D`` or gradient makes the whole step zero.
   """
+  previous = treedef.flatten_up_to(previous)
   direction = [-u for u in out]
   finite = _finite.all_finite(*direction, *grads, *previous)
   direction = [jnp.where(finite, d, 0) for d in direction]
@@ -286,8 +360,11 @@ def _quadratic_step(out, grads, previous, params, model, gamma, treedef):
   x, _ = _quadratic.step_coefficients(damped, b)
   x = jnp.where(finite, x, 0)
   predicted = 0.5 * x @ undamped @ x + b @ x
-  step = [(-(x[0] * d + x[1] * p)).astype(u.dtype) for d, p, u in zip(direction, previous, out)]
-  return step, x.astype(jnp.float32), predicted
+  delta = [(x[0] * d + x[1] * p).astype(u.dtype) for d, p, u in zip(direction, previous, out)]
+  param_leaves = treedef.flatten_up_to(params)
+  probe = lambda: treedef.unflatten([(p + d).astype(p.dtype) for p, d in zip(param_leaves, delta)])
+  out = [-d for d in delta]
+  return _Step(out, treedef.unflatten(delta), x.astype(jnp.float32), predicted, probe)
 
 
 def _init_memory(params, solver, requested: bool) -> dict[str, _memory.LayerMemory]:
@@ -554,8 +631,8 @@ def scale_by_cgfac(
     layers = _layers.match(paths, grads, layer_stats)
     _check_solver_paths(solver, paths)
     gamma = _control.damping_now(damping, state.control, state.count)
-
     memory = state.curvature or {}
+
     systems = [
       _build_system(layer, grads, warm, gamma, memory.get(layer.path), state.count, **build)
       for layer in layers
@@ -564,81 +641,35 @@ def scale_by_cgfac(
       systems, max_iters=max_iters, tol=tol, preconditioner=preconditioner, warm_start=warm_start
     )
     lr = _control.at_count(learning_rate, state.count)
-    clip = _clipping.no_clip(jnp.float32)
-    if layers and kl_clip is not None:
-      clip = _clipping.kl_clip_factor(_x_dot_grad(systems, solutions), lr, kl_clip)
+    clip = _kl_clip(systems, solutions, lr, kl_clip)
     written = [_write_back(s, x, clip, grads, warm) for s, x in zip(systems, solutions)]
-
-    out, new_warm = list(grads), list(warm)
-    for w in written:
-      for i, leaf in w.updates.items():
-        out[i] = leaf
-      for i, leaf in w.solution.items():
-        new_warm[i] = leaf
-    covered = _layers.covered(layers)
-    missing = [i for i in range(len(grads)) if i not in covered]
-    moments = state.fallback_moment
-    moments = None if moments is None else treedef.flatten_up_to(moments)
-    fallback_out, new_moments = _fallback.updates(
-      fallback, paths, grads, missing, moments, gamma, state.count, fallback_decay
+    out = _overlay(grads, [w.updates for w in written])
+    out, moments = _fallback_stage(
+      fallback, fallback_decay, paths, grads, out, layers, state, gamma, treedef
     )
-    for i, leaf in fallback_out.items():
-      out[i] = leaf
-    if moments is not None:
-      moments = [new_moments.get(i, m) for i, m in enumerate(moments)]
-
-    # A schedule may return a bad value; the state keeps the last good one.
-    next_damping = jnp.asarray(gamma, jnp.float32)
-    next_damping = jnp.where(jnp.isfinite(next_damping), next_damping, state.control.damping)
-    coefficients, previous = state.coefficients, state.previous_update
+    step = _Step(out, state.previous_update, state.coefficients, None, None)
     if adaptive_step:
-      out, coefficients, predicted = _quadratic_step(
-        out, grads, treedef.flatten_up_to(previous), params, curvature_model, gamma, treedef
-      )
-      previous = treedef.unflatten([-u for u in out])
-      if adaptive and layers:
-        param_leaves = treedef.flatten_up_to(params)
-        probe = lambda: treedef.unflatten(
-          [(p - u).astype(p.dtype) for p, u in zip(param_leaves, out)]
-        )
-        next_damping = _control.adapted_damping(
-          damping, state.count, next_damping, value, value_fn, probe, predicted
-        )
+      previous = state.previous_update
+      step = _quadratic_step(out, grads, previous, params, curvature_model, gamma, treedef)
     elif adaptive and layers:
-      x_sq = _clipping.scaled_sum(
-        [jnp.sum(x.x * x.x) for x in solutions], [2 * s.unit.exponent for s in systems]
+      step = step._replace(
+        predicted=_fixed_rate_prediction(systems, solutions, lr, clip, state.control.damping),
+        probe=_probe(params, out, _layers.covered(layers), lr, treedef),
       )
-      step = jnp.asarray(lr, jnp.float32) * clip.value()
-      predicted = _damping.predicted_change(
-        _x_dot_grad(systems, solutions).value(), x_sq.value(), next_damping, step
-      )
-      probe = _probe(treedef.flatten_up_to(params), out, covered, lr, treedef)
-      next_damping = _control.adapted_damping(
-        damping, state.count, next_damping, value, value_fn, probe, predicted
-      )
+    next_damping = _next_damping(damping, state, gamma, step, value, value_fn, treedef)
 
-    iterations, residual, skipped = (
-      dict(state.iterations),
-      dict(state.residual),
-      dict(state.control.skipped),
-    )
-    for layer, x, w in zip(layers, solutions, written):
-      iterations[layer.path] = jnp.where(w.skipped, 0, x.iterations)
-      residual[layer.path] = jnp.where(w.skipped, 1, x.residual).astype(jnp.float32)
-      skipped[layer.path] = skipped[layer.path] + w.skipped.astype(jnp.int32)
+    iterations, residual, skipped = _layer_records(state, layers, solutions, written)
     new_state = ScaleByCGFACState(
       count=optax.safe_increment(state.count),
-      solution=treedef.unflatten(new_warm),
+      solution=treedef.unflatten(_overlay(warm, [w.solution for w in written])),
       iterations=iterations,
       residual=residual,
-      control=StepControlState(
-        damping=next_damping, clip=clip.value().astype(jnp.float32), skipped=skipped
-      ),
+      control=StepControlState(next_damping, clip.value().astype(jnp.float32), skipped),
       fallback_moment=None if moments is None else treedef.unflatten(moments),
       curvature=_new_memory(state.curvature, systems),
-      previous_update=previous,
-      coefficients=coefficients,
+      previous_update=step.previous,
+      coefficients=step.coefficients,
     )
-    return treedef.unflatten(out), new_state
+    return treedef.unflatten(step.out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, auto_axes_on_explicit_mesh(update_fn))
