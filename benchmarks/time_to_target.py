@@ -85,7 +85,8 @@ BEST = {
     "cnn": KFAC_JAX_EXAMPLE,
   },
   # cgfac_optax.cgfac() as it is, for both models: its defaults are the settings this
-  # benchmark found fastest (step sizes and damping adapted, kfac_inverse on averaged factors).
+  # benchmark found fastest (step sizes and damping adapted, kfac_inverse on averaged factors;
+  # --tune on the autoencoder chose AdaptiveDamping(initial=0.1), the default).
   "cgfac": {"autoencoder": {"learning_rate": None}, "cnn": {"learning_rate": None}},
   # The same with conjugate gradient on the averaged factors, preconditioned by the inverses:
   # one warm-started iteration a step.

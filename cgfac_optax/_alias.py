@@ -23,7 +23,7 @@ FIXED_RATE_DEFAULTS = {
   "curvature_batch_size": None,
 }
 ADAPTIVE_DEFAULTS = {
-  "damping": AdaptiveDamping(initial=1e-2, minimum=1e-6),
+  "damping": AdaptiveDamping(initial=0.1, minimum=1e-6),
   "solver": "kfac_inverse",
   "curvature_decay": 0.95,
   "refresh_every": 20,
@@ -62,7 +62,7 @@ def cgfac(
     ``momentum`` and ``kl_clip`` are left unset (they belong to a fixed
     learning rate). The chain is ``optax.chain(scale_by_cgfac(...,
     adaptive_step=True), optax.scale(-1))``. Defaults (the settings the
-    time-to-target benchmark found fastest): ``damping=AdaptiveDamping(initial=1e-2,
+    time-to-target benchmark found fastest): ``damping=AdaptiveDamping(initial=0.1,
     minimum=1e-6)``, ``solver="kfac_inverse"``, ``curvature_decay=0.95``,
     ``refresh_every=20``, ``curvature_batch_size=128``.
   - ``cgfac(learning_rate)``: ``optax.chain(scale_by_cgfac(damping,
