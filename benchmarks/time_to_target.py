@@ -120,6 +120,29 @@ def cgfac_optimizer(**settings) -> optax.GradientTransformationExtraArgs:
   return cgfac_optax.cgfac(**settings)
 
 
+def cgfac_trace(opt_state) -> dict[str, float]:
+  """CG-FAC's damping, clip factor, step coefficients and mean CG iterations, for the curves.
+
+  Empty for other optimizers. Read at evaluations, with the clock paused.
+  """
+  found = [
+    s
+    for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, cgfac_optax.ScaleByCGFACState)
+    )
+    if isinstance(s, cgfac_optax.ScaleByCGFACState)
+  ]
+  if not found:
+    return {}
+  state = found[0]
+  out = {"damping": float(state.control.damping), "clip": float(state.control.clip)}
+  if state.coefficients is not None:
+    out["alpha"], out["mu"] = (float(c) for c in state.coefficients)
+  if state.iterations:
+    out["cg_iterations"] = float(np.mean([float(v) for v in state.iterations.values()]))
+  return out
+
+
 def curvature_rows(settings: dict) -> int | None:
   """The examples CG-FAC's curvature uses under ``settings`` (its mode's default if unset)."""
   from cgfac_optax._alias import ADAPTIVE_DEFAULTS, FIXED_RATE_DEFAULTS
@@ -207,7 +230,8 @@ class Task:
     self._evaluate = evaluate
 
   def evaluate(self, carry) -> dict[str, float]:
-    return {k: float(v) for k, v in self._evaluate(carry[0]).items()}
+    values = {k: float(v) for k, v in self._evaluate(carry[0]).items()}
+    return {**values, **cgfac_trace(carry[1])}
 
   def init_params(self, seed: int):
     return C.init_params(self.layers, jax.random.key(seed))

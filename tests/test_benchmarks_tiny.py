@@ -248,3 +248,10 @@ def test_lr_as_argument_equals_lr_in_transformation():
   updates, _ = direct.update(grads, direct.init(params), params, layer_stats=stats)
   want = optax.apply_updates(params, updates)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+
+
+def test_decompositions_tiny(tmp_path):
+  res = run_script("decompositions.py", tmp_path)
+  assert res["size"] == 64
+  assert set(res["seconds"]) == {"eigh", "inv", "cholesky", "matmul"}
+  assert all(v > 0 for v in res["seconds"].values())
