@@ -85,8 +85,8 @@ def _nbytes(shapes) -> int:
   return total
 
 
-def collectives(hlo_text: str) -> list[Collective]:
-  """Every collective in ``hlo_text``, in program order, marked in-loop or not."""
+def _loop_computations(hlo_text: str) -> tuple[dict[str, list[str]], set[str]]:
+  """The program's computations (name -> instruction lines) and those run once per iteration."""
   comps: dict[str, list[str]] = {}
   current = None
   for line in hlo_text.splitlines():
@@ -113,7 +113,12 @@ def collectives(hlo_text: str) -> list[Collective]:
     if name not in in_loop:
       in_loop.add(name)
       stack.extend(callees.get(name, ()))
+  return comps, in_loop
 
+
+def collectives(hlo_text: str) -> list[Collective]:
+  """Every collective in ``hlo_text``, in program order, marked in-loop or not."""
+  comps, in_loop = _loop_computations(hlo_text)
   found = []
   for name, lines in comps.items():
     for line in lines:
@@ -122,6 +127,21 @@ def collectives(hlo_text: str) -> list[Collective]:
         shapes = parse_shapes(m.group("shape"))
         found.append(Collective(m.group("kind"), shapes, _nbytes(shapes), name in in_loop))
   return found
+
+
+def count_instructions(hlo_text: str, opcode: str) -> dict[str, int]:
+  """How many ``opcode`` instructions (``"conditional"``, ``"all-reduce"``, ...) the program has.
+
+  ``{"step": n, "iteration": m}``: ``n`` outside any ``while`` loop, ``m`` in loop bodies
+  (and the computations they call), which run once per iteration.
+  """
+  comps, in_loop = _loop_computations(hlo_text)
+  pattern = re.compile(r"=\s*.*?\s" + re.escape(opcode) + r"\(")
+  out = {"step": 0, "iteration": 0}
+  for name, lines in comps.items():
+    n = sum(1 for line in lines if pattern.search(line))
+    out["iteration" if name in in_loop else "step"] += n
+  return out
 
 
 def summary(found: list[Collective]) -> dict[str, dict[str, int]]:

@@ -9,6 +9,10 @@ optimizer update. Repetitions are interleaved across optimizers and the ratio to
 Adam is the median of per-repetition ratios, so a load change hits every
 optimizer alike. Also measured: compile time, optimizer-state bytes per parameter
 byte, and the time of the ``update`` call alone (no backward) for a few solvers.
+``--variants`` adds Muon and matrix-free CG with each ``cg_skip`` (``_mask``: converged
+layers' products computed and discarded; ``_cond``: skipped by a ``lax.cond`` per layer and
+iteration), ``precision`` (``cg_highest``, ``cg_default``) and ``curvature_dtype="bfloat16"``
+(``cg_bf16``), all in the same interleaved run.
 
 Run: ``python benchmarks/step_cost.py`` (``--tiny`` for a seconds-long check).
 """
@@ -26,7 +30,7 @@ from _defaults import CGFAC_DAMPING, CGFAC_LEARNING_RATE, CURVATURE_BATCH_SIZE
 from tqdm import tqdm
 
 
-def optimizer_specs(curvature_batch_size: int, names=None) -> list[C.OptSpec]:
+def optimizer_specs(curvature_batch_size: int, names=None, variants=False) -> list[C.OptSpec]:
   lr, damping = CGFAC_LEARNING_RATE, CGFAC_DAMPING
   cbs = curvature_batch_size
   specs = [
@@ -47,9 +51,39 @@ def optimizer_specs(curvature_batch_size: int, names=None) -> list[C.OptSpec]:
     C.cgfac_spec("lowrank", lr, damping, solver="lowrank"),
     C.cgfac_spec(f"lowrank_cbs{cbs}", lr, damping, solver="lowrank", curvature_batch_size=cbs),
   ]
+  if variants:
+    specs += variant_specs(curvature_batch_size)
   if names:
     specs = [s for s in specs if s.name in names or s.name == "adam"]
   return specs
+
+
+def muon_spec(learning_rate: float = 0.02) -> C.OptSpec:
+  import optax
+
+  return C.OptSpec("muon", lambda lr: optax.contrib.muon(lr), False, learning_rate)
+
+
+def variant_specs(curvature_batch_size: int) -> list[C.OptSpec]:
+  """Matrix-free CG with each way of skipping converged layers, precision and curvature dtype.
+
+  ``cg`` itself runs with the platform's defaults (``cg_skip`` and ``precision`` None).
+  """
+  lr, damping, cbs = CGFAC_LEARNING_RATE, CGFAC_DAMPING, curvature_batch_size
+  cg = dict(solver="cg", max_iters=10)
+  materialized = dict(solver="cg_materialized", max_iters=10)
+  return [
+    muon_spec(),
+    C.cgfac_spec("cg_mask", lr, damping, cg_skip="mask", **cg),
+    C.cgfac_spec("cg_cond", lr, damping, cg_skip="cond", **cg),
+    C.cgfac_spec(f"cg_cbs{cbs}_mask", lr, damping, curvature_batch_size=cbs, cg_skip="mask", **cg),
+    C.cgfac_spec(f"cg_cbs{cbs}_cond", lr, damping, curvature_batch_size=cbs, cg_skip="cond", **cg),
+    C.cgfac_spec("cg_materialized_mask", lr, damping, cg_skip="mask", **materialized),
+    C.cgfac_spec("cg_materialized_cond", lr, damping, cg_skip="cond", **materialized),
+    C.cgfac_spec("cg_highest", lr, damping, precision="highest", **cg),
+    C.cgfac_spec("cg_default", lr, damping, precision="default", **cg),
+    C.cgfac_spec("cg_bf16", lr, damping, curvature_dtype="bfloat16", **cg),
+  ]
 
 
 def measure_steps(layers, batches, specs, *, reps, steps, fisher, seed):
@@ -140,7 +174,7 @@ def measure_updates(layers, batches, specs, *, reps, calls, fisher, seed):
   for rep in tqdm(range(reps + 1), desc="update calls", leave=False):
     start = time.perf_counter()
     for _ in range(calls):
-      g = adam_backward(params, batches[k % 4][0])
+      g = adam_backward(params, batches[k % len(batches)][0])
       k += 1
     C.block(g)
     if rep:
@@ -172,6 +206,7 @@ def main(argv=None):
   parser.add_argument("--fisher", choices=["sampled", "empirical"], default="sampled")
   parser.add_argument("--curvature-batch-size", type=int, default=CURVATURE_BATCH_SIZE)
   parser.add_argument("--only", nargs="*", help="optimizer names to run (adam always runs)")
+  parser.add_argument("--variants", action="store_true", help="add Muon and the CG variants")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
   parser.add_argument("--tiny", action="store_true", help="small model, seconds-long check")
@@ -195,7 +230,7 @@ def main(argv=None):
     "step": {},
     "update": {},
   }
-  specs = optimizer_specs(args.curvature_batch_size, args.only)
+  specs = optimizer_specs(args.curvature_batch_size, args.only, args.variants)
   update_specs = [s for s in specs if s.name in ("adam", "cg", "lowrank", "kfac_eigh")]
   tables = []
   for batch_size in args.batch_sizes:

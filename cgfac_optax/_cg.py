@@ -3,19 +3,43 @@
 The loop knows nothing about layers: it takes one positive-definite operator,
 right-hand side and starting point per block, and runs (preconditioned) CG on
 all blocks at once with per-block step sizes and a per-block convergence mask.
-A block that has converged stops changing, and its operator is no longer
-applied, while the others finish.
+A block that has converged stops changing while the others finish.
+
+How a converged block skips its work is a choice (``skip``):
+
+- ``"mask"``: every block's preconditioner and operator run every iteration
+  and a converged block's results are discarded by ``jnp.where``. The loop body
+  has no conditional, so XLA can fuse and schedule all blocks' products
+  together and, on a mesh, combine their collectives; on a GPU a conditional
+  reads its predicate back to the host, once per block and iteration.
+- ``"cond"``: each block's preconditioner and operator sit in a ``lax.cond``
+  that skips them once the block has converged: no wasted flops, one
+  conditional per block and iteration.
+
+The default is per platform (:data:`DEFAULT_SKIP`): ``"cond"`` on CPU, where a
+conditional costs nothing extra and a masked block's products are pure waste
+(measured in the README: the autoencoder's eight layers stopping after 3 to 10
+iterations took 0.6 s a solve masked and 0.37 s under ``lax.cond``, the same
+within noise when every layer runs to ``max_iters``); ``"mask"`` elsewhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 Operator = Callable[[jax.Array], jax.Array]
+Skip = Literal["mask", "cond"]
+SKIPS: tuple[Skip, ...] = ("mask", "cond")
+DEFAULT_SKIP: dict[str, Skip] = {"cpu": "cond"}  # any other platform: "mask"
+
+
+def default_skip(platform: str) -> Skip:
+  """What ``skip=None`` means on ``platform`` (``jax.default_backend()`` at trace time)."""
+  return DEFAULT_SKIP.get(platform, "mask")
 
 
 class CGResult(NamedTuple):
@@ -38,9 +62,20 @@ def _vdots(xs: Sequence[jax.Array], ys: Sequence[jax.Array]) -> jax.Array:
   return jnp.stack([jnp.sum(x * y) for x, y in zip(xs, ys)])
 
 
-def _apply_active(ops: Sequence[Operator], xs, active: jax.Array) -> list[jax.Array]:
-  # lax.cond skips the product of a converged block at run time.
-  return [jax.lax.cond(active[i], op, jnp.zeros_like, x) for i, (op, x) in enumerate(zip(ops, xs))]
+def _apply_active(
+  ops: Sequence[Operator | None], xs, active: jax.Array, skip: Skip, inactive=jnp.zeros_like
+) -> list[jax.Array]:
+  """``op(x)`` of each active block, ``inactive(x)`` of the others; ``x`` where ``op`` is None."""
+  out = []
+  for i, (op, x) in enumerate(zip(ops, xs)):
+    if op is None:
+      out.append(x)
+    elif skip == "cond":
+      # lax.cond skips the product of a converged block at run time.
+      out.append(jax.lax.cond(active[i], op, inactive, x))
+    else:
+      out.append(jnp.where(active[i], op(x), inactive(x)))
+  return out
 
 
 def batched_cg(
@@ -51,6 +86,7 @@ def batched_cg(
   max_iters: int | jax.Array,
   tol: float | jax.Array,
   preconditioners: Sequence[Operator | None] | None = None,
+  skip: Skip | None = None,
 ) -> CGResult:
   """Solves ``operators[i](x[i]) = b[i]`` for every block ``i`` by CG.
 
@@ -68,10 +104,19 @@ def batched_cg(
     max_iters: most iterations of any block.
     tol: relative residual tolerance.
     preconditioners: ``r -> M_i^{-1} r`` per block, or ``None`` for none.
+    skip: how a converged block skips its preconditioner and operator:
+      ``"mask"`` (computed and discarded, no conditional in the loop) or
+      ``"cond"`` (one ``lax.cond`` per block and iteration); see the module
+      docstring. Both give the same iterates. ``None``: the platform's
+      default (:func:`default_skip`).
 
   Returns:
     A :class:`CGResult`.
   """
+  if skip is None:
+    skip = default_skip(jax.default_backend())
+  if skip not in SKIPS:
+    raise ValueError(f"skip must be None or one of {SKIPS}, got {skip!r}")
   n = len(b)
   cold = x0 is None
   if cold:
@@ -80,7 +125,8 @@ def batched_cg(
     raise ValueError(f"need one operator, b and x0 per block, got {len(operators)}, {n}, {len(x0)}")
   if preconditioners is None:
     preconditioners = [None] * n
-  precs = [(lambda r: r) if m is None else m for m in preconditioners]
+  precs = list(preconditioners)
+  identity = lambda r: r
 
   b = list(b)
   bb = _vdots(b, b)
@@ -93,8 +139,8 @@ def batched_cg(
   if cold:
     r = [jnp.where(lv, bi, 0) for lv, bi in zip(live, b)]
   else:
-    ax = _apply_active(operators, x, live)
-    r = [bi - axi for bi, axi in zip(b, ax)]
+    ax = _apply_active(operators, x, live, skip)
+    r = [jnp.where(lv, bi - axi, bi) for lv, bi, axi in zip(live, b, ax)]
   rr = _vdots(r, r)
   threshold = jnp.square(tol) * bb
   active = live & (rr > threshold)
@@ -109,13 +155,13 @@ def batched_cg(
     # last one: the last iteration's would never be used, and a preconditioner can cost as
     # much as the operator.
     x, r, p, rz_old, rr, active, iters, k = carry
-    z = [jnp.where(a, m(ri), ri) for a, m, ri in zip(active, precs, r)]
+    z = _apply_active(precs, r, active, skip, identity)
     rz = _vdots(r, z)
     first = iters == 0
     beta = jnp.where(first | (rz_old == 0), 0, rz / jnp.where(rz_old == 0, 1, rz_old))
     beta = [bi.astype(pi.dtype) for bi, pi in zip(beta, p)]
     p = [jnp.where(a, zi + bt * pi, pi) for a, zi, bt, pi in zip(active, z, beta, p)]
-    ap = _apply_active(operators, p, active)
+    ap = _apply_active(operators, p, active, skip)
     pap = _vdots(p, ap)
     ok = active & (pap > 0) & jnp.isfinite(pap) & jnp.isfinite(rz)
     alpha = jnp.where(ok, rz / jnp.where(ok, pap, 1), 0)

@@ -204,13 +204,18 @@ def check_collectives(solvers) -> dict:
   x = jax.ShapeDtypeStruct((256, 784), np.float32)
   y = jax.ShapeDtypeStruct((256,), np.int32)
   out = {}
-  for solver, layout in [(s, "dp") for s in solvers] + [("cg", "fsdp")]:
-    tx = cgfac.cgfac(learning_rate=0.1, damping=1e-2, max_iters=10, solver=solver)
+  cases = [(s, "dp", None) for s in solvers] + [("cg", "fsdp", None)]
+  # CG with masked updates (the accelerators' default) instead of a lax.cond per layer.
+  cases += [("cg", "dp", "mask"), ("cg", "fsdp", "mask")]
+  for solver, layout, skip in cases:
+    tx = cgfac.cgfac(learning_rate=0.1, damping=1e-2, max_iters=10, solver=solver, cg_skip=skip)
     state = jax.eval_shape(tx.init, params)
     step = train_step_fn(tx, mlp_value_grad_and_stats)
     jitted, _ = sharded_step(step, mesh, layout, params, state)
     text = jitted.lower(params, state, x, y).compile().as_text()
-    out[f"{solver}/{layout}"] = [c._asdict() for c in hlo_collectives.collectives(text)]
+    name = f"{solver}/{layout}" + (f"/{skip}" if skip else "")
+    out[name] = [c._asdict() for c in hlo_collectives.collectives(text)]
+    out[f"{name}/conditionals"] = hlo_collectives.count_instructions(text, "conditional")
   # A layer narrower on its input side (d_A = 65 <= d_G = 512) takes the product's other side.
   narrow = jax.eval_shape(lambda k: mlp_init(k, (64, 512, 10)), jax.random.key(0))
   tx = cgfac.cgfac(learning_rate=0.1, damping=1e-2, max_iters=10, solver="cg")

@@ -37,12 +37,12 @@ def _jacobi(m, shape):
   return lambda r: r / d
 
 
-@functools.partial(jax.jit, static_argnames="jacobi")
-def _run(mats, b, x0, max_iters, tol, jacobi=False):
+@functools.partial(jax.jit, static_argnames=("jacobi", "skip"))
+def _run(mats, b, x0, max_iters, tol, jacobi=False, skip=None):
   """batched_cg on dense SPD blocks; bounds are traced so that tests share one compilation."""
   ops = [_op(m, bi.shape) for m, bi in zip(mats, b)]
   precs = [_jacobi(m, bi.shape) for m, bi in zip(mats, b)] if jacobi else None
-  return batched_cg(ops, b, x0, max_iters=max_iters, tol=tol, preconditioners=precs)
+  return batched_cg(ops, b, x0, max_iters=max_iters, tol=tol, preconditioners=precs, skip=skip)
 
 
 @functools.partial(jax.jit, static_argnames="jacobi")
@@ -217,3 +217,29 @@ def test_needs_one_operator_per_block():
   mats, b, x0 = _problem(10)
   with pytest.raises(ValueError, match=r"one operator, b and x0 per block, got 1, 3, 3"):
     batched_cg([_op(mats[0], SHAPES[0])], b, x0, max_iters=3, tol=0.0)
+
+
+@pytest.mark.parametrize("jacobi", [False, True])
+def test_masked_and_conditional_skipping_give_the_same_solve(jacobi):
+  # Blocks that stop at different iterations: a converged block's products are discarded
+  # ("mask") or never computed ("cond"); either way it stays frozen, bit for bit.
+  rng = np.random.default_rng(12)
+  mats = [2.0 * jnp.eye(6), jnp.asarray(_spd(rng, 8, cond=50)), jnp.asarray(_spd(rng, 5, 5))]
+  b = [jnp.asarray(rng.normal(size=s)) for s in [(2, 3), (8,), (5,)]]
+  x0 = [jnp.zeros_like(bi) for bi in b]
+  short = _run(mats, b, x0, 1, 1e-6, jacobi=jacobi, skip="mask")
+  mask = _run(mats, b, x0, 20, 1e-6, jacobi=jacobi, skip="mask")
+  cond = _run(mats, b, x0, 20, 1e-6, jacobi=jacobi, skip="cond")
+  assert len(set(np.asarray(mask.iterations).tolist())) > 1, mask.iterations
+  np.testing.assert_array_equal(mask.iterations, cond.iterations)
+  np.testing.assert_array_equal(mask.x[0], short.x[0])
+  for got, want in zip(mask.x, cond.x):
+    np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13)
+  np.testing.assert_allclose(mask.residual, cond.residual, rtol=1e-8, atol=1e-12)
+
+
+def test_unknown_skip_is_named():
+  mats, b, x0 = _problem(13)
+  ops = [_op(m, s) for m, s in zip(mats, SHAPES)]
+  with pytest.raises(ValueError, match=r"skip must be None or one of \('mask', 'cond'\), got 'x'"):
+    batched_cg(ops, b, x0, max_iters=3, tol=0.0, skip="x")

@@ -162,6 +162,33 @@ def test_collectives_of_the_demo_step_match_the_documented_counts():
 
   assert scalar_all_reduces(result["cg/fsdp"])
   assert not scalar_all_reduces(result["cg/dp"])
+
+  # The CPU default puts each layer's product in a lax.cond; cg_skip="mask" (the GPU and TPU
+  # default) leaves the loop body without conditionals, so XLA combines the layers' product
+  # all-reduces into one collective per iteration and hoists the gather of g (loop-invariant)
+  # out of the loop: once for the warm start's residual, once for the loop.
+  assert result["cg/dp/conditionals"]["iteration"] == len(LAYERS)
+  assert result["cg/dp/mask/conditionals"]["iteration"] == 0
+  assert result["cg/fsdp/mask/conditionals"]["iteration"] == 0
+  masked = result["cg/dp/mask"]
+  loop = [c for c in masked if c["in_loop"]]
+  assert [c["kind"] for c in loop] == ["all-reduce"], loop
+  assert sorted(tuple(dims) for _, dims in loop[0]["shapes"]) == sorted(LAYERS)
+  assert _bytes_by_kind(masked, True) == {"all-reduce": PRODUCT_ALL_REDUCE}
+  assert _bytes_by_kind(masked, False) == {
+    "all-reduce": GRADIENTS + PRODUCT_ALL_REDUCE,
+    "all-gather": 2 * ROWS_ALL_GATHER,
+  }
+  # FSDP, masked: the vectors are split, so CG's dot products (r.z, p.Ap, ||r||^2, which
+  # depend on one another) are all-reduced as scalars in the loop, at least three times an
+  # iteration (some combined with a product's all-reduce): fewer collectives than under
+  # lax.cond, but not the one reduction per iteration of the data-parallel layout.
+  fsdp = [c for c in result["cg/fsdp/mask"] if c["in_loop"] and c["kind"] == "all-reduce"]
+  scalars = [c for c in fsdp if any(dims == [] for _, dims in c["shapes"])]
+  assert 3 <= len(scalars) <= 2 + len(LAYERS), scalars
+  assert sum(c["in_loop"] for c in result["cg/fsdp/mask"]) < sum(
+    c["in_loop"] for c in result["cg/fsdp"]
+  )
   # MLP 64-512-10: the first layer (d_A = 65 <= d_G = 512) gathers (V g^T) and reduces a^T k,
   # d_A x B each, instead of gathering g; the second (513 x 10) gathers g.
   narrow = _bytes_by_kind(result["cg/dp/narrow"], True)

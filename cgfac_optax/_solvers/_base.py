@@ -31,7 +31,9 @@ layer; a new solver is one new record in :data:`cgfac_optax._solvers.SOLVERS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -93,8 +95,91 @@ class Solver(NamedTuple):
     return self.operator is not None
 
 
+MatmulPrecision = Literal["default", "high", "highest"]
+
+# The matmul precision when none is asked for, by platform (``jax.default_backend()``). XLA:CPU
+# computes float32 products in float32 at every precision, so the accurate one costs nothing
+# there. On a GPU "default" is the TF32 tensor-core path and "highest" full float32; on a TPU
+# "default" is one bfloat16 pass, "high" three and "highest" six: three passes are close to
+# float32 (a 16-bit significand per operand) at half the cost of six.
+DEFAULT_PRECISION: dict[str, MatmulPrecision] = {"cpu": "highest", "gpu": "default", "tpu": "high"}
+
+
+def default_precision(platform: str) -> MatmulPrecision:
+  """The matmul precision that ``precision=None`` means on ``platform`` ("cpu", "gpu", ...)."""
+  return DEFAULT_PRECISION.get(platform, "highest")
+
+
+class Arithmetic(NamedTuple):
+  """How the curvature products run.
+
+  Attributes:
+    precision: the precision of every matmul of the curvature data (``jax.lax.Precision``).
+    curvature_dtype: the dtype the curvature data is rounded to before its products (rows,
+      and the factors of the factor-based CG operators), with float32 accumulation; ``None``
+      keeps the solve's dtype.
+  """
+
+  precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
+  curvature_dtype: Any = None
+
+
+_DEFAULT_ARITHMETIC = Arithmetic()  # what the solvers' own tests and direct calls get
+_ARITHMETIC: contextvars.ContextVar[Arithmetic] = contextvars.ContextVar(
+  "cgfac_arithmetic", default=_DEFAULT_ARITHMETIC
+)
+
+
+@contextlib.contextmanager
+def arithmetic(precision: MatmulPrecision = "highest", curvature_dtype=None) -> Iterator[None]:
+  """Traces the solvers' products inside it at ``precision`` with ``curvature_dtype`` data.
+
+  The setting is read when the products are traced (as ``jax.default_matmul_precision`` is),
+  so a jitted function picks it up from the trace it was built in.
+  """
+  p = jax.lax.Precision[precision.upper()]
+  dtype = None if curvature_dtype is None else jnp.dtype(curvature_dtype)
+  token = _ARITHMETIC.set(Arithmetic(p, dtype))
+  try:
+    yield
+  finally:
+    _ARITHMETIC.reset(token)
+
+
+def curvature_array(x: jax.Array) -> jax.Array:
+  """``x`` in the curvature dtype of the current :func:`arithmetic` (unchanged without one)."""
+  dtype = _ARITHMETIC.get().curvature_dtype
+  return x if dtype is None else x.astype(dtype)
+
+
+def solve_dtype(x: jax.Array):
+  """The dtype of the solve for curvature data ``x``: its own, at least float32."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _dot(x: jax.Array, y: jax.Array, contracting: tuple[int, int]) -> jax.Array:
+  """A product at the current precision, accumulated in at least float32.
+
+  When one operand is a 16-bit float (curvature data in bfloat16), the other is rounded to it,
+  so the product runs on the 16-bit path; the result is float32 (or wider).
+  """
+  dtypes = (x.dtype, y.dtype)
+  out = jnp.promote_types(jnp.promote_types(*dtypes), jnp.float32)
+  narrow = [d for d in dtypes if jnp.issubdtype(d, jnp.floating) and jnp.finfo(d).bits <= 16]
+  operand = narrow[0] if narrow else out
+  dims = (((contracting[0],), (contracting[1],)), ((), ()))
+  return jax.lax.dot_general(
+    x.astype(operand),
+    y.astype(operand),
+    dims,
+    precision=_ARITHMETIC.get().precision,
+    preferred_element_type=out,
+  )
+
+
 def matmul(x: jax.Array, y: jax.Array) -> jax.Array:
-  return jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
+  """``x @ y`` at the current :func:`arithmetic`."""
+  return _dot(x, y, (x.ndim - 1, 0))
 
 
 def matmul_t(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -103,12 +188,16 @@ def matmul_t(x: jax.Array, y: jax.Array) -> jax.Array:
   With the rows of ``y`` sharded over devices, the partitioner then gathers ``y`` once for
   this and any other product with it, rather than once per layout (``y`` and ``y.T``).
   """
-  return jax.lax.dot_general(x, y, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+  return _dot(x, y, (1, 1))
 
 
 def factors(rows: CurvatureRows) -> Factors:
-  """The materialized factors ``A = s_A a^T a`` and ``G = s_G g^T g``."""
-  return Factors(rows.scale_a * matmul(rows.a.T, rows.a), rows.scale_g * matmul(rows.g.T, rows.g))
+  """The materialized factors ``A = s_A a^T a`` and ``G = s_G g^T g``.
+
+  From rows in the curvature dtype, accumulated in at least float32.
+  """
+  a, g = curvature_array(rows.a), curvature_array(rows.g)
+  return Factors(rows.scale_a * matmul(a.T, a), rows.scale_g * matmul(g.T, g))
 
 
 class Factors(NamedTuple):

@@ -11,7 +11,8 @@ The product never forms ``A``, ``G`` or the Fisher: with the curvature rows
 elements: the ``B x B`` middle matrix is taken through the narrower side (a
 static choice from shapes), which matters for lopsided layers such as a
 vocabulary projection. Its ground: wide layers whose factors do not fit in
-memory, with many rows.
+memory, with many rows. With a 16-bit curvature dtype the rows are held in it
+and every product rounds its other operand to it, accumulating in float32.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from cgfac_optax._layers import CurvatureRows, LayerShape
-from cgfac_optax._solvers._base import Solver, matmul, matmul_t
+from cgfac_optax._solvers._base import Solver, curvature_array, matmul, matmul_t, solve_dtype
 
 
 class RowsData(NamedTuple):
@@ -32,8 +33,9 @@ class RowsData(NamedTuple):
 
 
 def prepare(rows: CurvatureRows, damping) -> RowsData:
-  dtype = rows.a.dtype
+  dtype = solve_dtype(rows.a)
   scale = jnp.asarray(rows.scale_a * rows.scale_g, dtype)
+  rows = rows._replace(a=curvature_array(rows.a), g=curvature_array(rows.g))
   return RowsData(rows, scale, jnp.asarray(damping, dtype))
 
 
@@ -53,9 +55,9 @@ def operator(data: RowsData, v: jax.Array) -> jax.Array:
 
 def diagonal(data: RowsData) -> jax.Array:
   """``diag(A (x) G) + damping = outer(s_A sum(a^2), s_G sum(g^2)) + damping``."""
-  r = data.rows
-  d = jnp.outer(r.scale_a * jnp.sum(r.a * r.a, axis=0), r.scale_g * jnp.sum(r.g * r.g, axis=0))
-  return d + data.damping
+  r, dtype = data.rows, data.damping.dtype
+  sq = lambda x: jnp.sum(jnp.square(x.astype(dtype)), axis=0)
+  return jnp.outer(r.scale_a * sq(r.a), r.scale_g * sq(r.g)) + data.damping
 
 
 def flops(shape: LayerShape, cg_iters: int, data_shards: int) -> float:

@@ -4,7 +4,9 @@ Forming the factors costs ``2 B (d_A^2 + d_G^2)`` flops (split over the data
 shards); then each product ``A V G`` is two matmuls, ``2 d_A d_G (d_A + d_G)``
 flops, independent of the rows, and no eigendecomposition is needed. Memory
 ``d_A^2 + d_G^2``. Its ground: many rows and narrow layers (convolution
-patches, tokens), where the factors are small and the rows many.
+patches, tokens), where the factors are small and the rows many. With a 16-bit
+curvature dtype the factors are formed from rows in it and the operator holds
+them in it, accumulating in float32.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cgfac_optax._layers import LayerShape
-from cgfac_optax._solvers._base import Solver, form_factors_flops, matmul
+from cgfac_optax._solvers._base import Solver, curvature_array, form_factors_flops, matmul
 
 
 class FactorsData(NamedTuple):
@@ -26,7 +28,8 @@ class FactorsData(NamedTuple):
 
 def prepare(curvature, damping) -> FactorsData:
   f = curvature.factors
-  return FactorsData(f.a, f.g, jnp.asarray(damping, f.a.dtype))
+  damping = jnp.asarray(damping, f.a.dtype)
+  return FactorsData(curvature_array(f.a), curvature_array(f.g), damping)
 
 
 def operator(data: FactorsData, v: jax.Array) -> jax.Array:
@@ -34,7 +37,8 @@ def operator(data: FactorsData, v: jax.Array) -> jax.Array:
 
 
 def diagonal(data: FactorsData) -> jax.Array:
-  return jnp.outer(jnp.diag(data.a), jnp.diag(data.g)) + data.damping
+  dtype = data.damping.dtype
+  return jnp.outer(jnp.diag(data.a).astype(dtype), jnp.diag(data.g).astype(dtype)) + data.damping
 
 
 def flops(shape: LayerShape, cg_iters: int, data_shards: int) -> float:

@@ -74,8 +74,7 @@ def factored_inverses(f: Factors, damping) -> Inverses:
 
 
 def prepare(curvature: FactorCurvature, damping) -> PreconditionedData:
-  f = curvature.factors
-  operator = FactorsData(f.a, f.g, jnp.asarray(damping, f.a.dtype))
+  operator = cg_materialized.prepare(curvature, damping)
   return PreconditionedData(operator, curvature.refreshed)
 
 
