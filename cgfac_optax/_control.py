@@ -3,7 +3,8 @@
 The math lives in :mod:`cgfac_optax._damping` (Levenberg-Marquardt rule),
 :mod:`cgfac_optax._clipping` (KL clipping) and :mod:`cgfac_optax._finite`
 (skipping non-finite layers); this module holds what ties them to the
-transformation.
+transformation, the checks of traced options, and :func:`chain`, which keeps a
+skipped step out of the transformations that follow ``scale_by_cgfac``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from cgfac_optax import _damping
 from cgfac_optax._damping import AdaptiveDamping
@@ -28,11 +30,20 @@ class StepControlState(NamedTuple):
     skipped: per layer path, how many steps the layer was skipped because its
       gradient, stats or solve were not finite (its update was zero and its
       warm start was reset).
+    fallback_skipped: how many parameters without stats were skipped, summed
+      over the steps (a non-finite gradient or fallback update: zero update,
+      moment kept).
+    skipped_steps: how many whole steps were skipped: a traced option
+      (damping, ``tol``, learning rate, ...) was not valid, every part of the
+      update was skipped, or the output would not have been finite. Such a
+      step's update is zero and the state is unchanged but for the counts.
   """
 
   damping: jax.Array  # shape=(), dtype=float32
   clip: jax.Array  # shape=(), dtype=float32
   skipped: dict[str, jax.Array]  # shape=() each, dtype=int32
+  fallback_skipped: jax.Array  # shape=(), dtype=int32
+  skipped_steps: jax.Array  # shape=(), dtype=int32
 
 
 def init(damping, paths) -> StepControlState:
@@ -42,7 +53,83 @@ def init(damping, paths) -> StepControlState:
     damping=jnp.asarray(start, jnp.float32),
     clip=jnp.ones([], jnp.float32),
     skipped={p: jnp.zeros([], jnp.int32) for p in paths},
+    fallback_skipped=jnp.zeros([], jnp.int32),
+    skipped_steps=jnp.zeros([], jnp.int32),
   )
+
+
+def traced_options_ok(
+  *,
+  damping=None,
+  tol=None,
+  learning_rate=None,
+  kl_clip=None,
+  fallback_decay=None,
+  curvature_decay=None,
+  momentum=None,
+) -> jax.Array:
+  """Whether this step's option values are valid, as a scalar bool (``None``: not used).
+
+  The options that arrive as arrays (``optax.inject_hyperparams``) or come from
+  schedules cannot be checked at construction; a step with an invalid value is
+  skipped as a whole instead of trained with it.
+  """
+  checks = (
+    (damping, lambda v: v > 0),
+    (tol, lambda v: (v >= 0) & (v < 1)),
+    (learning_rate, lambda v: v >= 0),
+    (kl_clip, lambda v: v > 0),
+    (fallback_decay, lambda v: (v >= 0) & (v < 1)),
+    (curvature_decay, lambda v: (v >= 0) & (v < 1)),
+    (momentum, lambda v: (v >= 0) & (v < 1)),
+  )
+  ok = jnp.ones([], bool)
+  for value, good in checks:
+    if value is not None:
+      v = jnp.asarray(value, jnp.float32)
+      ok = ok & jnp.all(jnp.isfinite(v) & good(v))
+  return ok
+
+
+def chain(*transformations, momentum=None) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(*transformations)``, the first a ``scale_by_cgfac``, that skips whole steps.
+
+  The state is ``optax.chain``'s (a tuple of the states). A step that the first
+  transformation skipped as a whole (its ``control.skipped_steps`` grew), or
+  one with a ``momentum`` (the later ``optax.trace``'s) outside ``[0, 1)``,
+  leaves the chain: the update is zero and the later transformations keep
+  their state (momentum included), except that learning-rate schedules count
+  the step, as ``scale_by_cgfac`` does, so that a schedule that returned a bad
+  value once moves on. A step skipped for its momentum is added to the first
+  transformation's ``control.skipped_steps``.
+  """
+  first, *rest = (optax.with_extra_args_support(t) for t in transformations)
+  momentum = None if isinstance(momentum, (int, float)) else momentum  # checked at construction
+
+  def init_fn(params):
+    return (first.init(params), *(t.init(params) for t in rest))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    out, head = first.update(updates, state[0], params, **extra_args)
+    tail = []
+    for t, s in zip(rest, state[1:]):
+      out, s = t.update(out, s, params, **extra_args)
+      tail.append(s)
+    skipped = head.control.skipped_steps > state[0].control.skipped_steps
+    bad = ~traced_options_ok(momentum=momentum)
+    drop = skipped | bad
+    # Schedules count every step; every other later state is kept on a dropped step.
+    kept = [
+      new if isinstance(old, optax.ScaleByScheduleState) else old
+      for new, old in zip(tail, state[1:])
+    ]
+    zeros = jax.tree.map(jnp.zeros_like, out)
+    out, tail = jax.lax.cond(drop, lambda: (zeros, kept), lambda: (out, tail))
+    counted = head.control.skipped_steps + (bad & ~skipped).astype(jnp.int32)
+    head = head._replace(control=head.control._replace(skipped_steps=counted))
+    return out, (head, *tail)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def at_count(option, count) -> Any:

@@ -23,21 +23,50 @@ were left out) gets the update of the ``fallback`` option:
   have), so it is lower than the per-example Fisher and the damping bounds the
   step: ``|u| <= |g| / gamma`` and ``|u| <= 1 / (2 sqrt(gamma (1 - beta)))``
   (at ``t = 1``, ``|u| <= 1 / (2 sqrt(gamma))``).
-  A gradient with a NaN or an infinity gives a non-finite update (for
-  ``optax.apply_if_finite`` to catch) and leaves the moment as it was.
 - ``"identity"``: the gradient passes through unchanged (plain SGD with the
   chain's momentum and learning rate).
 - ``"error"``: raise at ``update``, listing every uncovered parameter path.
+
+Whatever the fallback, a parameter whose gradient (or ``"diagonal"`` update)
+holds a NaN or an infinity is *skipped* for the step: its update is zero and
+its moment keeps its last value, so nothing non-finite leaves this module.
+
+The first time ``update`` is traced with a new set of uncovered parameters,
+the ``"diagonal"`` and ``"identity"`` fallbacks log (logger ``cgfac_optax``,
+level ``WARNING``) which parameters they take, so that no parameter goes
+without curvature unnoticed.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+logger = logging.getLogger("cgfac_optax")
+
+# The (fallback, uncovered paths) already announced: each is logged once per process.
+_ANNOUNCED: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def announce(fallback: str, paths: Sequence[str]) -> None:
+  """Logs, once per distinct set, the parameters that take the fallback update."""
+  key = (fallback, tuple(paths))
+  if not paths or key in _ANNOUNCED:
+    return
+  _ANNOUNCED.add(key)
+  logger.warning(
+    "cgfac_optax: %d parameter(s) have no curvature stats and take the %r fallback update: "
+    "%s. Pass stats for their layers (cgfac_optax.flax.register_rule for a layer kind the "
+    "capture does not know), or fallback='error' to refuse such parameters",
+    len(paths),
+    fallback,
+    ", ".join(map(repr, paths)),
+  )
 
 
 def init(params: Any, fallback: str) -> Any:
@@ -54,30 +83,42 @@ def updates(
   gamma,
   count: jax.Array,
   decay,
-) -> tuple[dict[int, jax.Array], dict[int, jax.Array]]:
-  """The fallback update of each uncovered leaf, and the new moments, by leaf index.
+) -> tuple[dict[int, jax.Array], dict[int, jax.Array], jax.Array]:
+  """The fallback update of each uncovered leaf and the new moments, by leaf index.
+
+  Returns:
+    ``(updates, moments, skipped)``: a skipped leaf (non-finite gradient or
+    update) has a zero update and its old moment; ``skipped`` is how many
+    leaves were skipped (int32).
 
   Raises:
     ValueError: for ``fallback="error"`` when some parameter is uncovered.
   """
-  if not missing or fallback == "identity":
-    return {i: grads[i] for i in missing}, {}
+  if not missing:
+    return {}, {}, jnp.zeros([], jnp.int32)
   if fallback == "error":
     listed = ", ".join(repr(paths[i]) for i in missing)
     raise ValueError(
       f"fallback='error': {len(missing)} parameter(s) have no curvature stats: {listed}. "
       "Pass stats for their layers, or choose fallback='diagonal' or 'identity'"
     )
+  announce(fallback, [paths[i] for i in missing])
+  out, new_moments, skipped = {}, {}, []
   t = optax.safe_increment(count)
-  out, new_moments = {}, {}
   for i in missing:
-    g, m = grads[i], moments[i]
-    dtype = jnp.promote_types(g.dtype, jnp.float32)
-    g32, beta = g.astype(dtype), jnp.asarray(decay, dtype)
-    v = beta * m.astype(dtype) + (1 - beta) * g32 * g32
-    correction = 1 - beta ** t.astype(dtype)
-    out[i] = (g32 / (v / correction + jnp.asarray(gamma, dtype))).astype(g.dtype)
-    # A non-finite gradient never reaches the state: the moment keeps its last value (the
-    # update is non-finite, for optax.apply_if_finite to catch).
-    new_moments[i] = jnp.where(jnp.all(jnp.isfinite(v)), v, m).astype(m.dtype)
-  return out, new_moments
+    g = grads[i]
+    if fallback == "identity":
+      ok = jnp.all(jnp.isfinite(g))
+      u = g
+    else:
+      m = moments[i]
+      dtype = jnp.promote_types(g.dtype, jnp.float32)
+      g32, beta = g.astype(dtype), jnp.asarray(decay, dtype)
+      v = beta * m.astype(dtype) + (1 - beta) * g32 * g32
+      correction = 1 - beta ** t.astype(dtype)
+      u = (g32 / (v / correction + jnp.asarray(gamma, dtype))).astype(g.dtype)
+      ok = jnp.all(jnp.isfinite(v)) & jnp.all(jnp.isfinite(u))
+      new_moments[i] = jnp.where(ok, v, m).astype(m.dtype)
+    out[i] = jnp.where(ok, u, jnp.zeros_like(u))
+    skipped.append(~ok)
+  return out, new_moments, jnp.stack(skipped).sum(dtype=jnp.int32)

@@ -149,10 +149,11 @@ def match(paths: list[str], leaves: list[Any], layer_stats: Any) -> list[Layer]:
         "(examples, ..., d) with the same leading dimensions"
       )
     d_in, d_out = a.shape[-1], g.shape[-1]
-    if kernel.size != d_in * d_out or (kernel.ndim == 2 and kernel.shape[-1] != d_out):
+    if output_axes(kernel.shape, d_in, d_out) is None:
       raise ValueError(
         f"layer {path!r}: kernel shape {kernel.shape} does not match stats with "
-        f"inputs (..., {d_in}) and output_grads (..., {d_out})"
+        f"inputs (..., {d_in}) and output_grads (..., {d_out}): the kernel's leading axes "
+        f"must hold {d_in} entries and its trailing axes {d_out}"
       )
     if b is not None and leaves[b].size != d_out:
       raise ValueError(
@@ -160,6 +161,20 @@ def match(paths: list[str], leaves: list[Any], layer_stats: Any) -> list[Layer]:
       )
     layers.append(Layer(path, k, b, stats))
   return layers
+
+
+def output_axes(kernel_shape: tuple[int, ...], d_in: int, d_out: int) -> int | None:
+  """How many trailing axes of the kernel are its outputs, or ``None`` if no split fits.
+
+  A kernel is ``(*in_axes, *out_axes)`` (a dense or conv kernel has one output
+  axis, ``nnx.LinearGeneral`` may have several): the stats fit when some split
+  has ``d_in`` input and ``d_out`` output entries. With the fewest output axes
+  first, a size-1 axis at the split goes to the inputs.
+  """
+  for n in range(1, len(kernel_shape) + 1):
+    if math.prod(kernel_shape[-n:]) == d_out and math.prod(kernel_shape[:-n]) == d_in:
+      return n
+  return None
 
 
 def covered(layers: list[Layer]) -> set[int]:

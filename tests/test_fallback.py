@@ -113,3 +113,41 @@ def test_fallback_options_are_validated():
     cgfac.scale_by_cgfac(0.1, fallback="adam")
   with pytest.raises(ValueError, match="1.0"):
     cgfac.scale_by_cgfac(0.1, fallback_decay=1.0)
+
+
+def test_parameters_without_stats_are_announced_once(caplog):
+  params = {
+    "dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)},
+    "announced_norm": {"scale": jnp.ones(4)},
+    "announced_embed": {"embedding": jnp.zeros((5, 3))},
+  }
+  grads = jax.tree.map(jnp.ones_like, params)
+  stats = {"dense": cgfac.DenseStats(jnp.ones((4, 3)), jnp.ones((4, 2)))}
+  tx = cgfac.scale_by_cgfac(0.05, solver="eigh")
+  with caplog.at_level("WARNING", logger="cgfac_optax"):
+    for _ in range(2):  # traced twice (eagerly): logged once
+      tx.update(grads, tx.init(params), layer_stats=stats)
+  messages = [r.getMessage() for r in caplog.records if r.name == "cgfac_optax"]
+  assert len(messages) == 1, messages
+  assert "2 parameter(s) have no curvature stats and take the 'diagonal' fallback" in messages[0]
+  assert "'announced_embed/embedding', 'announced_norm/scale'" in messages[0]
+  assert "dense" not in messages[0]
+
+
+def test_non_finite_gradient_without_stats_is_skipped_alone():
+  params, batches = _setup(steps=2)
+  tx = cgfac.scale_by_cgfac(0.05, solver="eigh")
+  update = jax.jit(lambda g, s, st: tx.update(g, s, layer_stats=st))
+  (grads, stats), (grads2, stats2) = batches
+  _, state = update(grads, tx.init(params), stats)
+  bad = jax.tree.map(lambda x: x, grads2)
+  bad["norm"]["scale"] = bad["norm"]["scale"].at[1].set(jnp.nan)
+  out, after = update(bad, state, stats2)
+  clean, _ = update(grads2, state, stats2)
+  assert not np.any(out["norm"]["scale"])  # zero update, moment kept
+  np.testing.assert_array_equal(
+    after.fallback_moment["norm"]["scale"], state.fallback_moment["norm"]["scale"]
+  )
+  for path in ("dense/kernel", "norm/bias", "embed/embedding"):  # the rest as usual
+    np.testing.assert_array_equal(_leaf(out, path), _leaf(clean, path))
+  assert int(after.control.fallback_skipped) == 1 and int(after.control.skipped_steps) == 0

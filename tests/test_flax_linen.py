@@ -304,7 +304,8 @@ def test_errors():
   p = jax.jit(embed.init)(jax.random.key(0), tokens)["params"]
   with pytest.raises(
     ValueError,
-    match=r"calls no layer .*'nn.Conv', 'nn.Dense', 'nn.DenseGeneral', 'nnx.Conv', 'nnx.Linear'",
+    match=r"calls no layer .*'nn.Conv', 'nn.Dense', 'nn.DenseGeneral', 'nnx.Conv', 'nnx.Einsum', "
+    r"'nnx.Linear', 'nnx.LinearGeneral'",
   ):
     cflax.value_grad_and_stats(embed, fisher="empirical")(p, tokens, jnp.zeros((4, 2), jnp.int32))
 

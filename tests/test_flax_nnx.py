@@ -205,3 +205,60 @@ def test_errors():
   with pytest.raises(ValueError, match="calls no layer"):
     cflax.nnx_value_grad_and_stats(norm_only, x, jnp.zeros((4,), jnp.int32), fisher="empirical")
   assert nnx.Linear.__call__ is ORIGINAL_CALL
+
+
+class AttentionEinsum(nnx.Module):
+  """``nnx.MultiHeadAttention`` (four ``nnx.LinearGeneral``), a dense ``nnx.Einsum`` and one that
+  is not a dense map (its kernel is batched over the heads)."""
+
+  def __init__(self, rngs):
+    self.attention = nnx.MultiHeadAttention(
+      num_heads=2, in_features=4, qkv_features=4, decode=False, param_dtype=F64, rngs=rngs
+    )
+    self.proj = nnx.Einsum("btd,dhf->bthf", (4, 2, 3), (2, 3), param_dtype=F64, rngs=rngs)
+    self.per_head = nnx.Einsum("bthf,hfg->bthg", (2, 3, 3), param_dtype=F64, rngs=rngs)
+    self.head = nnx.Linear(6, 4, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, x):
+    h = jnp.tanh(self.per_head(self.proj(jnp.tanh(self.attention(x)))))
+    return self.head(h.reshape(h.shape[:2] + (6,)))
+
+
+def test_attention_linear_general_and_dense_einsum_are_captured(x64):
+  model, b = AttentionEinsum(nnx.Rngs(0)), 3
+  x = jax.random.normal(jax.random.key(1), (b, 5, 4), F64)
+  t = jax.random.randint(jax.random.key(2), (b, 5), 0, 4)
+  capture = nnx.jit(lambda m: cflax.nnx_value_grad_and_stats(m, x, t, fisher="empirical")[1:])
+  grads, stats = capture(model)
+  assert set(stats) == {"attention", "proj", "head"}  # per_head is not a dense map
+  assert set(stats["attention"]) == {"query", "key", "value", "out"}
+  pe = per_example_grads(model, x, t)
+  layers = [("attention", n) for n in ("query", "key", "value", "out")] + [("proj",), ("head",)]
+  for path in layers:
+    s, p = stats, pe
+    for name in path:
+      s, p = s[name], p[name]
+    d_in, d_out = s.inputs.shape[-1], s.output_grads.shape[-1]
+    a = s.inputs.reshape(b, -1, d_in)
+    g = s.output_grads.reshape(b, -1, d_out)
+    # The kernel (in axes..., out axes...) as (d_in, d_out), per example.
+    want = p["kernel"][...].reshape(b, d_in, d_out)
+    # Query and key reach the loss through the attention's softmax, whose per-example and
+    # batched evaluations agree to about 1e-8 only; the other layers agree to rounding.
+    np.testing.assert_allclose(jnp.einsum("bti,bto->bio", a, g), want, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(g.sum(1), p["bias"][...].reshape(b, d_out), rtol=1e-4, atol=1e-8)
+  # Out of the heads: the contracted (heads, head_dim) axes become one input axis of width 4.
+  assert stats["attention"]["out"].inputs.shape == (b, 5, 4)
+  assert stats["proj"].output_grads.shape == (b, 5, 6)
+  # (Training such a model: tests/test_never_poisoned.py.)
+
+
+def test_einsum_rule_applies_to_dense_maps_only():
+  from cgfac_optax.flax import _rules
+
+  dense = ["btd,df->btf", "...d,df->...f", "bd,dhf->bhf", "bij,ijf->bf"]
+  other = ["bthf,hfg->bthg", "bd,fd->bf", "bd,df->fb", "btd,df->bf", "db,df->bf", "bd,d->b"]
+  for equation in dense:
+    assert _rules._dense_einsum(equation) is not None, equation
+  for equation in other:
+    assert _rules._dense_einsum(equation) is None, equation

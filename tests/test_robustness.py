@@ -312,3 +312,21 @@ def test_inside_apply_if_finite():
   assert int(state.notfinite_count) == 1
   np.testing.assert_array_equal(as_matrix(updates["second"]), 0)
   jax.tree.map(np.testing.assert_array_equal, state.inner_state, before.inner_state)
+
+
+def test_kernel_shape_must_split_into_the_stats_widths():
+  # A conv kernel (3, 3, 4, 8) is 36 inputs by 8 outputs: stats of widths 72 and 4 have the
+  # same element count but no split of the kernel's axes gives them.
+  params = {"conv": {"kernel": jnp.zeros((3, 3, 4, 8))}}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  tx = cgfac.scale_by_cgfac(1e-3)
+  bad = {"conv": cgfac.DenseStats(jnp.ones((5, 72)), jnp.ones((5, 4)))}
+  with pytest.raises(ValueError, match=r"layer 'conv': kernel shape \(3, 3, 4, 8\) does not match"):
+    tx.update(grads, tx.init(params), params, layer_stats=bad)
+  # The split that fits, and one over several output axes (nnx.LinearGeneral), are accepted.
+  for kernel, d_in, d_out in (((3, 3, 4, 8), 36, 8), ((6, 2, 3), 6, 6), ((2, 3, 4), 2, 12)):
+    p = {"layer": {"kernel": jnp.zeros(kernel)}}
+    stats = {"layer": cgfac.DenseStats(jnp.ones((5, d_in)), jnp.ones((5, d_out)))}
+    update = lambda g, s, st, p=p: tx.update(g, s, p, layer_stats=st)
+    updates, _ = jax.eval_shape(update, p, tx.init(p), stats)
+    assert updates["layer"]["kernel"].shape == kernel

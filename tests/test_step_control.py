@@ -240,7 +240,7 @@ def test_adaptive_damping_training_recipe_under_jit():
   ("kwargs", "message"),
   [
     ({"kl_clip": 0.0, "learning_rate": 0.1}, "kl_clip must be None or > 0, got 0.0"),
-    ({"kl_clip": 1e-3, "learning_rate": -1.0}, "learning_rate must be > 0, got -1.0"),
+    ({"kl_clip": 1e-3, "learning_rate": -1.0}, "learning_rate must be >= 0, got -1.0"),
     ({"kl_clip": 1e-3}, "kl_clip needs the learning rate"),
     ({"damping": cgfac.AdaptiveDamping()}, "adaptive damping needs the learning rate"),
   ],
