@@ -15,13 +15,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cgfac_optax._cg import SKIPS, Skip
 from cgfac_optax._solvers import SOLVERS
+from cgfac_optax._solvers._base import MatmulPrecision
 
 Preconditioner = Literal["jacobi"]
 PRECONDITIONERS = (None, *get_args(Preconditioner))
 
 Fallback = Literal["diagonal", "identity", "error"]
 FALLBACKS = get_args(Fallback)
+
+PRECISIONS = (None, *get_args(MatmulPrecision))
+
+CurvatureDtype = Literal["bfloat16"]
+CURVATURE_DTYPES = (None, *get_args(CurvatureDtype))
+
+CGSkip = Skip
 
 # A solver name (a key of SOLVERS), "auto", or {layer path: either}.
 SolverOption = str | Mapping[str, str]
@@ -100,20 +109,29 @@ def validate(
   curvature_decay,
   refresh_every,
   adaptive_step,
+  precision=None,
+  curvature_dtype=None,
+  cg_skip=None,
 ) -> None:
   """Checks every option of :func:`scale_by_cgfac` that is a Python value."""
   if not callable(damping):
     check_number("damping", damping, lambda d: d > 0, "> 0")
   check_int_or_array("max_iters", max_iters, 1)
   check_number("tol", tol, lambda t: t >= 0, ">= 0")
+  check_number(
+    "tol", tol, lambda t: t < 1, "< 1 (CG stops before its first iteration when tol >= 1)"
+  )
   check_solver(solver)
   check_int("curvature_batch_size", curvature_batch_size, 1, optional=True)
   if preconditioner not in PRECONDITIONERS:
     raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
   if kl_clip is not None:
     check_number("kl_clip", kl_clip, lambda k: k > 0, "None or > 0")
-  if learning_rate is not None:
-    check_number("learning_rate", learning_rate, lambda lr: lr > 0, "> 0")
+  if learning_rate is not None and adaptive and not adaptive_step:
+    # The Levenberg-Marquardt rule compares the loss at the step with its prediction.
+    check_number("learning_rate", learning_rate, lambda lr: lr > 0, "> 0 with adaptive damping")
+  elif learning_rate is not None:
+    check_number("learning_rate", learning_rate, lambda lr: lr >= 0, ">= 0")
   if adaptive_step and (learning_rate is not None or kl_clip is not None):
     raise ValueError(
       "adaptive_step chooses the step size from the quadratic model: learning_rate and "
@@ -133,3 +151,9 @@ def validate(
   check_number("fallback_decay", fallback_decay, lambda b: 0 <= b < 1, "a float in [0, 1)")
   check_number("curvature_decay", curvature_decay, lambda b: 0 <= b < 1, "in [0, 1)")
   check_int_or_array("refresh_every", refresh_every, 1)
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+  if curvature_dtype not in CURVATURE_DTYPES:
+    raise ValueError(f"curvature_dtype must be one of {CURVATURE_DTYPES}, got {curvature_dtype!r}")
+  if cg_skip not in (None, *SKIPS):
+    raise ValueError(f"cg_skip must be one of {(None, *SKIPS)}, got {cg_skip!r}")

@@ -12,7 +12,9 @@ a pure function of the one before:
 4. **clip** all layers' steps by one KL factor (:mod:`._clipping`);
 5. **write back** each layer's update and warm start, zero where not finite;
 6. the **fallback** update of every parameter without stats (:mod:`._fallback`);
-7. the **next damping** (a schedule's value, or adapted: :mod:`._damping`).
+7. the **next damping** (a schedule's value, or adapted: :mod:`._damping`);
+8. **skip** the whole step when an option's value is not valid or nothing was
+   left to update (:func:`_skip_step`).
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ from cgfac_optax._control import StepControlState
 from cgfac_optax._damping import AdaptiveDamping
 from cgfac_optax._layers import Layer
 from cgfac_optax._mesh import auto_axes_on_explicit_mesh
-from cgfac_optax._options import Fallback, Preconditioner, SolverOption
+from cgfac_optax._options import CGSkip, CurvatureDtype, Fallback, Preconditioner, SolverOption
 from cgfac_optax._solvers import SOLVERS, Solver
-from cgfac_optax._solvers._base import FactorCurvature
+from cgfac_optax._solvers import _base as _arithmetic
+from cgfac_optax._solvers._base import FactorCurvature, MatmulPrecision
 from cgfac_optax._solvers._base import factors as _factors
 
 
@@ -176,7 +179,7 @@ def _build_system(
 
 
 def _solve(
-  systems: list[_System], *, max_iters, tol, preconditioner, warm_start
+  systems: list[_System], *, max_iters, tol, preconditioner, warm_start, cg_skip=None
 ) -> list[_Solution]:
   """Solves every system: all iterative ones in one batched CG, each direct one by itself."""
   iterative = [s for s in systems if s.solver.iterative]
@@ -189,6 +192,7 @@ def _solve(
       max_iters=max_iters,
       tol=tol,
       preconditioners=precs,
+      skip=cg_skip,
     )
     by_cg = dict(zip(map(id, iterative), zip(result.x, result.iterations, result.residual)))
   solutions = []
@@ -209,6 +213,18 @@ def _solve(
       )
     )
   return solutions
+
+
+def _check_memory(system: _System, solution: _Solution) -> _Solution:
+  """Skips a layer whose curvature memory would not be finite (stats whose factors overflow).
+
+  A solver solving from stale data (between refreshes) can return a finite answer for such
+  a layer; its memory must still not take the step's factors.
+  """
+  if system.memory is None:
+    return solution
+  ok = solution.ok & _finite.all_finite(*jax.tree.leaves(system.memory))
+  return solution._replace(x=jnp.where(ok, solution.x, 0), ok=ok)
 
 
 def _preconditioner(system: _System, option):
@@ -254,6 +270,15 @@ def _kl_clip(systems, solutions, learning_rate, bound) -> ScaledSum:
   return _clipping.kl_clip_factor(_x_dot_grad(systems, solutions), learning_rate, bound)
 
 
+class _Fallback(NamedTuple):
+  """The output leaves with the fallback written in, and what it did."""
+
+  out: list  # the update by leaf, every uncovered leaf's fallback written in
+  moments: list | None  # the "diagonal" fallback's moments by leaf after this step
+  uncovered: int  # how many leaves take the fallback
+  skipped: jax.Array  # shape=(), int32: how many of them were skipped (not finite)
+
+
 def _fallback_stage(fallback, decay, paths, grads, out, layers, state, gamma, treedef):
   """The updates with every uncovered leaf's fallback written in, and the new moments."""
   covered = _layers.covered(layers)
@@ -261,12 +286,41 @@ def _fallback_stage(fallback, decay, paths, grads, out, layers, state, gamma, tr
   moments = state.fallback_moment
   if moments is not None:
     moments = treedef.flatten_up_to(moments)
-  fallback_out, new_moments = _fallback.updates(
+  fallback_out, new_moments, skipped = _fallback.updates(
     fallback, paths, grads, missing, moments, gamma, state.count, decay
   )
   if moments is not None:
     moments = _overlay(moments, [new_moments])
-  return _overlay(out, [fallback_out]), moments
+  return _Fallback(_overlay(out, [fallback_out]), moments, len(missing), skipped)
+
+
+def _nothing_updated(written: list[_Written], fallback: _Fallback) -> jax.Array:
+  """Whether every part of the update (each layer, each fallback leaf) was skipped."""
+  if not written and not fallback.uncovered:
+    return jnp.zeros([], bool)
+  layers_skipped = jnp.stack([w.skipped for w in written]).all() if written else True
+  return layers_skipped & (fallback.skipped == fallback.uncovered)
+
+
+def _skip_step(good: jax.Array, out: list, new: ScaleByCGFACState, old: ScaleByCGFACState):
+  """The step as computed when ``good``, else a zero update and ``old`` but for the counts.
+
+  The counts advance either way (``count``, so that schedules move on; the skip
+  counters; the logged CG iterations and residuals). One ``lax.cond`` picks
+  either (a select per leaf would cost a kernel per leaf to compile).
+  """
+  kept = old._replace(
+    count=new.count,
+    iterations=new.iterations,
+    residual=new.residual,
+    control=old.control._replace(
+      skipped=new.control.skipped, fallback_skipped=new.control.fallback_skipped
+    ),
+  )
+  zeros = [jnp.zeros_like(u) for u in out]
+  out, state = jax.lax.cond(good, lambda: (out, new), lambda: (zeros, kept))
+  skipped_steps = old.control.skipped_steps + (~good).astype(jnp.int32)
+  return out, state._replace(control=state.control._replace(skipped_steps=skipped_steps))
 
 
 class _Step(NamedTuple):
@@ -330,7 +384,7 @@ def _check_curvature_model(params, curvature_model) -> None:
     raise ValueError(
       "adaptive_step needs params and curvature_model=cgfac_optax.CurvatureModel(outputs_fn, "
       "loss): call tx.update(grads, state, params, layer_stats=stats, curvature_model=...), "
-      "outputs_fn mapping params to the model's outputs on the curvature examples; "
+      "outputs_fn mapping params to the model's outputs on the batch; "
       f"got params={type(params).__name__}, curvature_model={curvature_model!r}"
     )
 
@@ -388,18 +442,25 @@ def _init_memory(params, solver, requested: bool) -> dict[str, _memory.LayerMemo
     method = SOLVERS[name]
     if method.curvature != "factors":
       continue
-    kernel = leaf[_layers.child(path, "kernel")]
-    d_g = kernel.shape[-1]
-    d_a = kernel.size // d_g + int(_layers.child(path, "bias") in leaf)
+    kernel, bias = leaf[_layers.child(path, "kernel")], leaf.get(_layers.child(path, "bias"))
+    # A bias has the layer's outputs (several kernel axes for nnx.LinearGeneral and attention).
+    d_g = kernel.shape[-1] if bias is None else bias.size
+    d_a = kernel.size // d_g + int(bias is not None)
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)
     out[path] = _memory.init_layer(d_a, d_g, dtype, method.refresh)
   return out
 
 
-def _new_memory(old, systems: list[_System]):
+def _new_memory(old, systems: list[_System], written: list[_Written]):
+  """The curvature memory after the step; a skipped layer keeps its old memory."""
   if old is None:
     return None
-  return {**old, **{s.layer.path: s.memory for s in systems if s.memory is not None}}
+  new = dict(old)
+  for s, w in zip(systems, written):
+    if s.memory is not None:
+      keep = lambda n, o, w=w: jnp.where(w.skipped, o, n)
+      new[s.layer.path] = jax.tree.map(keep, s.memory, old[s.layer.path])
+  return new
 
 
 def _check_solver_paths(solver, paths: list[str]) -> None:
@@ -437,6 +498,9 @@ def scale_by_cgfac(
   curvature_decay: float | jax.Array = 0.0,
   refresh_every: int = 1,
   adaptive_step: bool = False,
+  precision: MatmulPrecision | None = None,
+  curvature_dtype: CurvatureDtype | None = None,
+  cg_skip: CGSkip | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients by the damped K-FAC Fisher, solved with CG.
 
@@ -478,13 +542,18 @@ def scale_by_cgfac(
         value=loss, value_fn=lambda p: loss_fn(p, batch))
       return optax.apply_updates(params, updates), opt_state, loss
 
-  **Non-finite inputs never reach the state.** A layer whose gradient or stats
-  hold a NaN or an infinity, whose solve is not finite, or whose update does
-  not fit the parameter dtype is *skipped*: its update is zero, its warm start
-  is reset to zero and ``state.control.skipped[path]`` counts it. Every other
-  layer is updated as usual, so the update is always finite for parameters
-  with stats, also inside ``optax.apply_if_finite`` (which still catches
-  non-finite gradients of parameters without stats). Right-hand sides are
+  **Non-finite values never leave it.** A layer whose gradient or stats hold a
+  NaN or an infinity, whose solve or curvature memory is not finite, or whose
+  update does not fit the parameter dtype is *skipped*: its update is zero,
+  its warm start is reset to zero, its memory kept, and
+  ``state.control.skipped[path]`` counts it; a parameter without stats whose
+  gradient or fallback update is not finite is skipped the same way
+  (``state.control.fallback_skipped``). The other parts are updated as usual.
+  The *whole step* is skipped (zero update, the state as it was except
+  ``count`` and ``state.control.skipped_steps``) when every part was skipped,
+  when a traced option's value (damping, ``tol``, learning rate, ...) is not
+  valid, or, with ``adaptive_step``, when a gradient or the step is not
+  finite; :func:`cgfac` then also keeps its momentum. Right-hand sides are
   scaled by an exact power of two before the solve, so gradients from about
   ``1e-30`` to ``1e30`` are solved as accurately as those near 1. The math runs
   in at least float32 (float16 and bfloat16 inputs are promoted); updates and
@@ -494,7 +563,7 @@ def scale_by_cgfac(
     damping: ``gamma > 0``, a float, an ``optax.Schedule`` of the step count,
       or :class:`AdaptiveDamping` options for Levenberg-Marquardt adaptation.
     max_iters: most CG iterations per step.
-    tol: CG stops for a layer when ``||r|| <= tol ||grad||``.
+    tol: CG stops for a layer when ``||r|| <= tol ||grad||``; in ``[0, 1)``.
     solver: ``"cg"`` (matrix-free CG, the paper), ``"cg_materialized"`` (CG
       with ``A`` and ``G`` formed once per step), ``"eigh"`` (exact: standard
       K-FAC with eigendecomposed factors) or ``"lowrank"`` (exact: thin
@@ -532,6 +601,23 @@ def scale_by_cgfac(
       ``learning_rate`` is ``None``). ``update`` then also needs
       ``curvature_model=`` (:class:`CurvatureModel`), and ``learning_rate``
       and ``kl_clip`` must be ``None``.
+    precision: the matmul precision of the curvature products and solves:
+      ``"highest"``, ``"high"`` or ``"default"`` (``jax.lax.Precision``), or
+      ``None`` for the platform's default at trace time (``"highest"`` on CPU,
+      ``"default"`` on GPU, ``"high"`` on TPU; see the README's "Precision
+      and dtype" for the accuracy of each).
+    curvature_dtype: ``None`` (the solve's dtype, at least float32) or
+      ``"bfloat16"``: the curvature rows, and the factors of the factor-based
+      CG operators, are held in bfloat16 and every product with them rounds
+      its other operand to bfloat16 and accumulates in float32. The
+      factorizations (``"eigh"``'s eigenbases, the inverses of ``"pcg"`` and
+      ``"kfac_inverse"``) stay in float32, of factors formed from bfloat16
+      rows; ``"lowrank"`` keeps its rows in float32.
+    cg_skip: how CG skips the work of a converged layer: ``"mask"`` (its
+      products are computed and discarded; no conditional in the loop),
+      ``"cond"`` (a ``lax.cond`` per layer and iteration), or ``None`` for the
+      platform's default at trace time (``"cond"`` on CPU, ``"mask"`` on GPU
+      and TPU); see :func:`cgfac_optax.batched_cg`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -580,6 +666,9 @@ def scale_by_cgfac(
     curvature_decay=curvature_decay,
     refresh_every=refresh_every,
     adaptive_step=adaptive_step,
+    precision=precision,
+    curvature_dtype=curvature_dtype,
+    cg_skip=cg_skip,
   )
   build = dict(
     solver=solver,
@@ -633,20 +722,37 @@ def scale_by_cgfac(
     gamma = _control.damping_now(damping, state.control, state.count)
     memory = state.curvature or {}
 
-    systems = [
-      _build_system(layer, grads, warm, gamma, memory.get(layer.path), state.count, **build)
-      for layer in layers
-    ]
-    solutions = _solve(
-      systems, max_iters=max_iters, tol=tol, preconditioner=preconditioner, warm_start=warm_start
-    )
+    matmuls = precision or _arithmetic.default_precision(jax.default_backend())
+    with _arithmetic.arithmetic(matmuls, curvature_dtype):
+      systems = [
+        _build_system(layer, grads, warm, gamma, memory.get(layer.path), state.count, **build)
+        for layer in layers
+      ]
+      solutions = _solve(
+        systems,
+        max_iters=max_iters,
+        tol=tol,
+        preconditioner=preconditioner,
+        warm_start=warm_start,
+        cg_skip=cg_skip,
+      )
+    solutions = [_check_memory(s, x) for s, x in zip(systems, solutions)]
     lr = _control.at_count(learning_rate, state.count)
+    options_ok = _control.traced_options_ok(
+      damping=gamma,
+      tol=tol,
+      learning_rate=lr,
+      kl_clip=kl_clip,
+      fallback_decay=fallback_decay,
+      curvature_decay=curvature_decay,
+    )
     clip = _kl_clip(systems, solutions, lr, kl_clip)
     written = [_write_back(s, x, clip, grads, warm) for s, x in zip(systems, solutions)]
     out = _overlay(grads, [w.updates for w in written])
-    out, moments = _fallback_stage(
+    fallback_step = _fallback_stage(
       fallback, fallback_decay, paths, grads, out, layers, state, gamma, treedef
     )
+    out, moments = fallback_step.out, fallback_step.moments
     step = _Step(out, state.previous_update, state.coefficients, None, None)
     if adaptive_step:
       previous = state.previous_update
@@ -664,12 +770,28 @@ def scale_by_cgfac(
       solution=treedef.unflatten(_overlay(warm, [w.solution for w in written])),
       iterations=iterations,
       residual=residual,
-      control=StepControlState(next_damping, clip.value().astype(jnp.float32), skipped),
+      control=StepControlState(
+        next_damping,
+        clip.value().astype(jnp.float32),
+        skipped,
+        state.control.fallback_skipped + fallback_step.skipped,
+        state.control.skipped_steps,
+      ),
       fallback_moment=None if moments is None else treedef.unflatten(moments),
-      curvature=_new_memory(state.curvature, systems),
+      curvature=_new_memory(state.curvature, systems, written),
       previous_update=step.previous,
       coefficients=step.coefficients,
     )
-    return treedef.unflatten(step.out), new_state
+    # The whole step is skipped when an option's value is not valid or nothing was left to
+    # update. Every part's update, warm start, moment and memory is finite by construction
+    # (zero or kept where not); with adaptive_step, one step over all parameters from the
+    # quadratic model, a non-finite gradient or step skips it, and so does a damping that
+    # is not finite.
+    good = options_ok & ~_nothing_updated(written, fallback_step)
+    if adaptive_step:
+      good = good & _finite.all_finite(*grads, *step.out, step.coefficients)
+    good = good & jnp.isfinite(next_damping)
+    out, new_state = _skip_step(good, step.out, new_state, state)
+    return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, auto_axes_on_explicit_mesh(update_fn))
