@@ -39,6 +39,8 @@ DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
 ADAM_LR = 1e-2
 MUON_LR = 0.02
 LOSS = "softmax_cross_entropy"
+# The table's last-step columns, from cgfac_optax.state_scalars' names.
+LAST_STEP = {"alpha": "step_size", "mu": "momentum", "damping": "damping"}
 
 
 def load_data(dataset: str, seed: int):
@@ -89,14 +91,6 @@ def optimizers() -> dict[str, tuple[optax.GradientTransformation, bool]]:
   }
 
 
-def cg_state(opt_state):
-  """The ScaleByCGFACState inside an optax chain, if any."""
-  for node in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, cgfac.ScaleByCGFACState)):
-    if isinstance(node, cgfac.ScaleByCGFACState):
-      return node
-  return None
-
-
 def make_step(model, tx, needs_stats):
   vgs = cflax.value_grad_and_stats(model, loss=LOSS, fisher="sampled")
 
@@ -112,18 +106,18 @@ def make_step(model, tx, needs_stats):
         state,
         grads,
         layer_stats=stats,
-        curvature_model=cflax.curvature_model(model, x, loss=LOSS, rows=128),
+        curvature_model=cflax.curvature_model(model, x, loss=LOSS),
         value=loss,
         value_fn=lambda p: loss_fn(p, x, y),
       )
     else:
       loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y)
       state = state.apply_gradients(grads=grads)
-    found = cg_state(state.opt_state)
+    # The logging helper reads the optimizer state (empty for Adam and Muon).
+    scalars = cgfac.state_scalars(state.opt_state)
     control = {}
-    if found is not None and found.coefficients is not None:
-      alpha, mu = found.coefficients
-      control = {"alpha": alpha, "mu": mu, "damping": found.control.damping}
+    if "step_size" in scalars:
+      control = {k: scalars[v] for k, v in LAST_STEP.items()}
     return state, loss, control
 
   return jax.jit(step, donate_argnums=0)

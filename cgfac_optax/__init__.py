@@ -6,6 +6,8 @@ from cgfac_optax._control import StepControlState
 from cgfac_optax._conv import conv_output_rows, conv_patches, conv_stats
 from cgfac_optax._damping import AdaptiveDamping
 from cgfac_optax._layers import DenseStats
+from cgfac_optax._logging import state_scalars
+from cgfac_optax._partition import select_stats
 from cgfac_optax._plan import LayerPlan, Plan, plan
 from cgfac_optax._quadratic import CurvatureModel
 from cgfac_optax._transform import ScaleByCGFACState, scale_by_cgfac
@@ -39,4 +41,6 @@ __all__ = [
   "conv_stats",
   "plan",
   "scale_by_cgfac",
+  "select_stats",
+  "state_scalars",
 ]

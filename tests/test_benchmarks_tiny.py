@@ -255,3 +255,31 @@ def test_decompositions_tiny(tmp_path):
   assert res["size"] == 64
   assert set(res["seconds"]) == {"eigh", "inv", "cholesky", "matmul"}
   assert all(v > 0 for v in res["seconds"].values())
+
+
+# XLA's cheapest CPU code generation: these smoke runs time nothing, and compile about 40% faster.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+@pytest.mark.slow
+def test_transformer_tiny(tmp_path, monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip())
+  res = run_script("transformer.py", tmp_path)
+  runs = {r["optimizer"]: r for r in res["results"]}
+  assert list(runs) == ["CG-FAC", "Adam", "Muon"]
+  for r in runs.values():
+    c = r["curve"]
+    assert r["steps"] == 3 and r["tokens_per_s"] > 0
+    assert all(np.isfinite(c["val_loss"] + c["train_loss"]))
+    assert c["val_loss"][-1] < c["val_loss"][0], (r["optimizer"], c["val_loss"])
+  # Every parameter is either captured (a layer with stats) or takes the fallback, once.
+  cap = res["capture"]
+  captured, fallback = {n for n, _ in cap["captured"]}, {n for n, _ in cap["fallback"]}
+  assert not captured & fallback
+  assert sum(n for _, n in cap["captured"] + cap["fallback"]) == res["parameters"]
+  assert {"head", "blocks/0/up", "blocks/0/down"} <= set(cap["layers"])
+  assert {"head/kernel", "blocks/0/up/bias"} <= captured
+  assert {"embed/embedding", "position", "norm/scale"} <= fallback
+  for part in ("query", "key", "value", "out"):  # captured with a LinearGeneral rule, else fallback
+    assert f"blocks/0/attention/{part}/kernel" in captured | fallback
+  assert {"step_size", "momentum", "damping"} <= set(runs["CG-FAC"]["last_step"])

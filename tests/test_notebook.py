@@ -6,6 +6,7 @@ Agg-based inline matplotlib backend of the Jupyter kernel, so it needs no displa
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -18,8 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 SMALL_STEPS = "12"
-# One figure each: loss vs time, CG iterations and residuals, damping, max_iters.
-EXPECTED_FIGURES = 4
+# One figure each: loss vs time, CG iterations and residuals, damping, max_iters, the transformer.
+EXPECTED_FIGURES = 5
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _read():
@@ -49,16 +51,63 @@ def test_uses_public_api_only():
   assert not private, f"cells reach into private modules: {private}"
 
 
-def test_install_cell_only_installs_in_colab():
+_REAL_FIND_SPEC = importlib.util.find_spec
+
+
+def _run_install_cell(monkeypatch, *, colab: bool, installed: bool, pip_returncode: int = 0):
+  """Runs the first cell with Colab, the installed package and pip faked; returns pip's calls."""
+  import subprocess
+  import types
+
+  calls = []
+
+  def fake_run(cmd, **kwargs):
+    calls.append(cmd)
+    return subprocess.CompletedProcess(cmd, pip_returncode, "", "ERROR: No matching distribution")
+
+  monkeypatch.setattr(subprocess, "run", fake_run)
+  if colab:
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+  else:
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+  real_find_spec = _REAL_FIND_SPEC
+  monkeypatch.setattr(
+    importlib.util,
+    "find_spec",
+    lambda name, *a: (
+      (real_find_spec(name, *a) if installed else None)
+      if name == "cgfac_optax"
+      else real_find_spec(name, *a)
+    ),
+  )
+  exec(_code(_read())[0], {})
+  return calls
+
+
+def test_install_cell_installs_the_named_source_only_in_colab(monkeypatch):
   first = _code(_read())[0]
   assert '"google.colab" in sys.modules' in first
-  assert "pip" in first and "[demo]" in first
+  # The source is a variable at the top, by default the package index name with the demo extras.
+  assert re.search(r'^SOURCE = "cgfac_optax\[demo\]"$', first, re.M)
+  assert "github.com" not in first
+  assert _run_install_cell(monkeypatch, colab=False, installed=False) == []
+  assert _run_install_cell(monkeypatch, colab=True, installed=True) == []
+  calls = _run_install_cell(monkeypatch, colab=True, installed=False)
+  assert calls == [[sys.executable, "-m", "pip", "install", "--quiet", "cgfac_optax[demo]"]]
+  # When pip fails (not published yet, a wrong source), the message says what to set.
+  with pytest.raises(
+    RuntimeError, match=r"(?s)SOURCE = 'cgfac_optax\[demo\]'.*No matching.*set SOURCE"
+  ):
+    _run_install_cell(monkeypatch, colab=True, installed=False, pip_returncode=1)
 
 
 @pytest.mark.slow
 def test_notebook_runs(monkeypatch, tmp_path):
   nb = _read()
   monkeypatch.setenv("CGFAC_NOTEBOOK_STEPS", SMALL_STEPS)
+  # XLA's cheapest CPU code generation: the smoke run asserts no timing, and compiles about 40%
+  # faster (the transformer's CG-FAC step most of all).
+  monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip())
   # The inline backend renders with Agg: no display needed, and figures land in the outputs.
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
   # The kernel imports this checkout of the package, installed or not.
