@@ -259,10 +259,15 @@ def with_loss_value(layers, loss: str) -> UpdateKwargs:
   return hook
 
 
-def with_curvature_model(layers, loss: str, rows: int) -> UpdateKwargs:
-  """:func:`with_loss_value` plus ``curvature_model=`` on the first ``rows`` examples.
+def with_curvature_model(layers, loss: str) -> UpdateKwargs:
+  """:func:`with_loss_value` plus ``curvature_model=`` on the whole batch.
 
-  For CG-FAC's step sizes from the quadratic model (``learning_rate=None``).
+  For CG-FAC's step sizes from the quadratic model (``learning_rate=None``). The
+  model's Fisher products run on every example of the batch, not on the
+  curvature subsample the factors come from: on the autoencoder a 128-example
+  model made the step coefficients noisy (momentum swinging between -12 and 9)
+  and the loss spike once the damping was small, where the whole batch's model
+  kept the loss falling.
   """
   from cgfac_optax import CurvatureModel
 
@@ -271,7 +276,7 @@ def with_curvature_model(layers, loss: str, rows: int) -> UpdateKwargs:
   def hook(params, batch, *, value, layer_stats):
     x, _ = batch
     out = base(params, batch, value=value, layer_stats=layer_stats)
-    out["curvature_model"] = CurvatureModel(lambda p: forward(layers, p, x[:rows])[0], loss)
+    out["curvature_model"] = CurvatureModel(lambda p: forward(layers, p, x)[0], loss)
     return out
 
   return hook

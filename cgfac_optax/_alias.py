@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import optax
 
+from cgfac_optax import _control
 from cgfac_optax._damping import AdaptiveDamping
-from cgfac_optax._options import Fallback, Preconditioner, SolverOption
+from cgfac_optax._options import CGSkip, CurvatureDtype, Fallback, Preconditioner, SolverOption
+from cgfac_optax._solvers._base import MatmulPrecision
 from cgfac_optax._transform import scale_by_cgfac
 
 _MOMENTUM = 0.9
@@ -23,7 +27,7 @@ FIXED_RATE_DEFAULTS = {
   "curvature_batch_size": None,
 }
 ADAPTIVE_DEFAULTS = {
-  "damping": AdaptiveDamping(initial=0.1, minimum=1e-6),
+  "damping": AdaptiveDamping(initial=0.1, minimum=1e-5),
   "solver": "kfac_inverse",
   "curvature_decay": 0.95,
   "refresh_every": 20,
@@ -48,6 +52,9 @@ def cgfac(
   fallback_decay: float | jax.Array = 0.95,
   curvature_decay: float | jax.Array | None = None,
   refresh_every: int | None = None,
+  precision: MatmulPrecision | None = None,
+  curvature_dtype: CurvatureDtype | None = None,
+  cg_skip: CGSkip | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """CG-FAC: K-FAC natural-gradient steps, the damped Kronecker systems solved per layer.
 
@@ -63,7 +70,7 @@ def cgfac(
     learning rate). The chain is ``optax.chain(scale_by_cgfac(...,
     adaptive_step=True), optax.scale(-1))``. Defaults (the settings the
     time-to-target benchmark found fastest): ``damping=AdaptiveDamping(initial=0.1,
-    minimum=1e-6)``, ``solver="kfac_inverse"``, ``curvature_decay=0.95``,
+    minimum=1e-5)``, ``solver="kfac_inverse"``, ``curvature_decay=0.95``,
     ``refresh_every=20``, ``curvature_batch_size=128``.
   - ``cgfac(learning_rate)``: ``optax.chain(scale_by_cgfac(damping,
     learning_rate=learning_rate, kl_clip=kl_clip, ...), optax.trace(momentum),
@@ -72,6 +79,10 @@ def cgfac(
     steps instead of diverging. Defaults: the paper's CG-FAC, ``damping=1e-3``,
     ``solver="cg"`` (matrix-free CG on each batch's curvature),
     ``curvature_decay=0``, ``refresh_every=1``, ``curvature_batch_size=None``.
+
+  Both chains hold the state ``optax.chain`` would, but a step that
+  ``scale_by_cgfac`` skips as a whole (see its docstring) leaves the later
+  transformations' state, the momentum trace included, unchanged.
 
   Any option passed explicitly overrides its mode's default.
 
@@ -82,8 +93,9 @@ def cgfac(
       float, a schedule, or :class:`AdaptiveDamping` (then ``update`` also
       takes ``value=`` and ``value_fn=``, see :func:`scale_by_cgfac`); ``None``
       for the mode's default.
-    momentum: heavy-ball momentum on the preconditioned gradient; ``None`` or
-      0 for none.
+    momentum: heavy-ball momentum on the preconditioned gradient, in
+      ``[0, 1)``; ``None`` or 0 for none. A step that ``scale_by_cgfac`` skips
+      as a whole does not reach the momentum (see :func:`scale_by_cgfac`).
     nesterov: use Nesterov momentum.
     kl_clip: bound ``kappa`` on ``learning_rate^2 <x, F x>`` of each
       preconditioned step ``x`` (before momentum); ``None`` turns clipping off.
@@ -98,6 +110,9 @@ def cgfac(
     fallback_decay: see :func:`scale_by_cgfac`.
     curvature_decay: see :func:`scale_by_cgfac`; ``None`` for the mode's default.
     refresh_every: see :func:`scale_by_cgfac`; ``None`` for the mode's default.
+    precision: see :func:`scale_by_cgfac`; ``None`` for the platform's default.
+    curvature_dtype: see :func:`scale_by_cgfac`.
+    cg_skip: see :func:`scale_by_cgfac`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
@@ -119,7 +134,9 @@ def cgfac(
         f"curvature_batch_size must be None, an int >= 1 or 'default', got {curvature_batch_size!r}"
       )
     curvature_batch_size = defaults["curvature_batch_size"]
-  no_momentum = momentum is None or (isinstance(momentum, (int, float)) and momentum == 0)
+  if isinstance(momentum, bool) or (isinstance(momentum, numbers.Real) and not 0 <= momentum < 1):
+    raise ValueError(f"momentum must be None or a float in [0, 1), got {momentum!r}")
+  no_momentum = momentum is None or (isinstance(momentum, numbers.Real) and momentum == 0)
   if adaptive_step:
     # The quadratic model picks both; their fixed-rate defaults stand aside, other values fail.
     if momentum not in (None, _MOMENTUM) or kl_clip not in (None, _KL_CLIP):
@@ -144,11 +161,14 @@ def cgfac(
       curvature_decay=pick(curvature_decay, "curvature_decay"),
       refresh_every=pick(refresh_every, "refresh_every"),
       adaptive_step=adaptive_step,
+      precision=precision,
+      curvature_dtype=curvature_dtype,
+      cg_skip=cg_skip,
     )
   ]
   if adaptive_step:
-    return optax.chain(*parts, optax.scale(-1.0))
+    return _control.chain(*parts, optax.scale(-1.0))
   if not no_momentum:
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(optax.scale_by_learning_rate(learning_rate))
-  return optax.chain(*parts)
+  return _control.chain(*parts, momentum=None if no_momentum else momentum)

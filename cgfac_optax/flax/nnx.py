@@ -1,8 +1,10 @@
 """NNX: loss, gradients and CG-FAC layer stats of an unchanged ``nnx.Module``.
 
 For the duration of one forward pass, ``__call__`` of every captured layer
-class in the model (``nnx.Linear``, and any class added with
-:func:`~cgfac_optax.flax.register_rule`) is wrapped: the wrapper records the
+class in the model (``nnx.Linear``, ``nnx.LinearGeneral`` (the projections of
+``nnx.MultiHeadAttention``), ``nnx.Conv``, ``nnx.Einsum`` when its equation is a
+dense map, and any class added with :func:`~cgfac_optax.flax.register_rule`) is
+wrapped: the wrapper records the
 call's input and adds a zero perturbation to its output. The classes are
 restored as soon as the forward pass has been traced. A captured layer called
 inside a JAX or NNX transformation within the model (``nnx.scan``,
@@ -172,8 +174,8 @@ def nnx_curvature_model(
 
   Its ``outputs_fn`` takes the model's ``nnx.Param`` state (what ``nnx.Optimizer``
   passes to ``update`` as ``params``) and runs a copy of the model with it, so the
-  model itself is not changed. Pass the optimizer's ``curvature_batch_size`` as
-  ``rows``.
+  model itself is not changed. Leave ``rows`` unset (the whole batch), as for
+  :func:`curvature_model`.
 
   Examples:
     >>> import jax.numpy as jnp
