@@ -8,8 +8,10 @@ right-hand side" for gradients near ``1e-25``, and every solver gives the same
 answer as on the unscaled system, bit for bit when nothing over- or underflows.
 
 A layer whose gradient or stats hold a NaN or an infinity is *skipped*: its
-right-hand side and warm start are set to zero (so CG does not iterate it and
-never applies its operator), whatever a direct solver returns for it is
+right-hand side and warm start are set to zero (so CG counts it converged from
+the start: with ``cg_skip="cond"`` its operator is never applied, with
+``"mask"`` its products are computed and discarded), whatever a direct solver
+returns for it is
 discarded, its update is zero and its warm start is reset to zero. The same
 happens when a solve of finite inputs still returns non-finite values, or when
 the update does not fit the parameter dtype (e.g. above 65504 in float16).
