@@ -124,7 +124,7 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
   }
 
 
-def make_step(name: str, rows: int):
+def make_step(name: str):
   if name == "CG-FAC":
 
     @nnx.jit
@@ -135,7 +135,7 @@ def make_step(name: str, rows: int):
         model,
         grads,
         layer_stats=stats,
-        curvature_model=cflax.nnx_curvature_model(model, x, loss=LOSS, rows=rows),
+        curvature_model=cflax.nnx_curvature_model(model, x, loss=LOSS),
         value=loss,
         value_fn=lambda p: mean_loss(nnx.merge(graphdef, p, rest), x, y),
       )
@@ -188,7 +188,7 @@ def train(name, tx, args, data):
   fresh = lambda: CharTransformer(
     args.d_model, args.heads, args.layers, args.context, rngs=nnx.Rngs(args.seed)
   )
-  step = make_step(name, rows=min(args.batch, 128))
+  step = make_step(name)
   evaluate = nnx.jit(mean_loss)
   key = jax.random.key(args.seed + 1)
 
