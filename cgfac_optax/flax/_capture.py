@@ -13,11 +13,17 @@ The engine runs ``forward`` once under ``jax.eval_shape`` to learn the calls
 and their output shapes (tracing only, no compute), then once under
 ``jax.vjp``. The sampled Fisher pulls a second cotangent (from targets drawn
 from the model's predictive distribution) back through the same vjp: one extra
-backward pass, no second forward.
+backward pass, no second forward. With ``rows=k`` (the front ends'
+``curvature_rows``) the sampled Fisher instead takes the loss and gradients
+from one plain forward and backward pass of the whole batch, and the stats
+from a separate forward under ``jax.vjp`` of the batch's first ``k`` examples,
+pulled back once with the sampled cotangent; the empirical Fisher keeps its one
+pass and cuts the stats to the first ``k`` examples.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -102,6 +108,39 @@ def _example_factor(weights, examples: int, dtype, empirical: bool):
   return jnp.where(w > 0, scale, 0.0)
 
 
+def _head_scale(weights, examples: int, rows: int, dtype):
+  """Scale from the whole batch's stats output gradients to those of its first ``rows`` alone.
+
+  The whole batch's stats output gradient of example ``j`` is ``sqrt(B w_j / W)`` times its
+  own loss gradient; that of a batch of the first ``rows`` examples with ``weights[:rows]`` is
+  ``sqrt(rows w_j / W_rows)``, ``W_rows`` the sum of those weights: one scale for every row,
+  ``sqrt(rows W / (B W_rows))`` (``0`` when ``W_rows = 0``; ``None``, no scale, unweighted).
+  """
+  if weights is None:
+    return None
+  w = weights.astype(dtype)
+  head = jnp.sum(w[:rows])
+  safe = jnp.where(head > 0, head, 1.0)
+  return jnp.where(head > 0, jnp.sqrt(rows * jnp.sum(w) / (examples * safe)), 0.0)
+
+
+def check_rows(rows, examples: int | None = None) -> None:
+  """Raises unless ``rows`` is ``None`` or an int from 1 to ``examples`` (when given)."""
+  if rows is None:
+    return
+  integer = isinstance(rows, numbers.Integral) and not isinstance(rows, bool)
+  if examples is None:
+    if not integer or rows < 1:
+      raise ValueError(
+        f"curvature_rows must be None or a positive int (a number of examples), got {rows!r}"
+      )
+  elif not integer or not 1 <= rows <= examples:
+    raise ValueError(
+      f"curvature_rows must be None or an int from 1 to the batch size ({examples} examples), "
+      f"got {rows!r}"
+    )
+
+
 def _scale_rows(x: jax.Array, factor: jax.Array) -> jax.Array:
   if factor.ndim == 0:
     return x * factor.astype(x.dtype)
@@ -171,11 +210,50 @@ def _shape_pass(forward: Callable, params: Any, kind, loss: str, targets) -> tup
   return shapes, outputs_shape.shape[0]
 
 
-def _vjp_pass(forward, params, shapes: Recorder, kind, targets, rng, *, fisher, weights, examples):
+def _mean_loss(kind, targets, weights):
+  """``outputs -> loss``: the (weighted) batch mean of the per-example losses."""
+
+  def mean_loss(y):
+    per_example = kind.per_example(y, targets)
+    if weights is None:
+      return jnp.mean(per_example)
+    w = weights.astype(per_example.dtype)
+    return jnp.sum(w * per_example) / jnp.sum(w)
+
+  return mean_loss
+
+
+def _loss_pass(forward, params, kind, targets, weights):
+  """One plain forward and backward pass (no perturbations): ``(loss, grads, aux)``."""
+  mean_loss = _mean_loss(kind, targets, weights)
+
+  def value(p):
+    outputs, _, aux = forward(p, None, Recorder())
+    return mean_loss(outputs), aux
+
+  (loss, aux), grads = jax.value_and_grad(value, has_aux=True)(params)
+  return loss, grads, aux
+
+
+def _vjp_pass(
+  forward,
+  params,
+  shapes: Recorder,
+  kind,
+  targets,
+  rng,
+  *,
+  fisher,
+  weights,
+  examples,
+  loss_grads=True,
+):
   """One forward under ``jax.vjp``, pulled back once or twice.
 
   Returns ``(loss, grads, output_grads, inputs, aux, recorder)``: ``output_grads`` by call
-  key, the per-example loss gradients (empirical) or those of sampled targets.
+  key, the per-example loss gradients (empirical) or those of sampled targets. Without
+  ``loss_grads`` (sampled only), the loss and ``grads`` are ``None`` and the vjp is pulled
+  back once, with the sampled cotangent.
   """
   perturbations = {
     key: jnp.zeros(use.output.shape, use.output.dtype) for key, use in shapes.uses.items()
@@ -190,15 +268,10 @@ def _vjp_pass(forward, params, shapes: Recorder, kind, targets, rng, *, fisher, 
       f"{sorted(shapes.uses)} then {sorted(recorder.uses)}"
     )
 
-  def mean_loss(y):
-    per_example = kind.per_example(y, targets)
-    if weights is None:
-      return jnp.mean(per_example)
-    w = weights.astype(per_example.dtype)
-    return jnp.sum(w * per_example) / jnp.sum(w)
-
-  value, cotangent = jax.value_and_grad(mean_loss)(outputs)
-  grads, output_grads = vjp_fn(cotangent)
+  value = grads = output_grads = None
+  if loss_grads:
+    value, cotangent = jax.value_and_grad(_mean_loss(kind, targets, weights))(outputs)
+    grads, output_grads = vjp_fn(cotangent)
   dtype = outputs.dtype
   if fisher == "sampled":
     sampled = jax.lax.stop_gradient(kind.sample(rng, outputs))
@@ -237,6 +310,8 @@ def run(
   loss: str,
   fisher: str,
   weights: jax.Array | None,
+  rows: int | None = None,
+  head: Callable[[int], Callable] | None = None,
 ):
   """Loss, gradients, layer stats and the forward's aux output.
 
@@ -248,6 +323,15 @@ def run(
     loss: a name in ``_losses.LOSSES``.
     fisher: ``"empirical"`` or ``"sampled"``.
     weights: optional per-example weights ``(examples,)``, ``>= 0`` with a positive sum.
+    rows: ``None`` (stats of the whole batch) or ``k`` in ``[1, examples]``: the stats are
+      those :func:`run` gives for the batch's first ``k`` examples alone (their inputs,
+      ``targets[:k]``, ``weights[:k]``, the same ``rng``), while the loss, the gradients and
+      ``aux`` stay those of the whole batch. Sampled Fisher: ``head(k)``'s forward pass under
+      ``jax.vjp``, pulled back once, after one plain forward and backward pass of the whole
+      batch. Empirical: the first ``k`` rows of the whole batch's stats, rescaled (one scalar,
+      see :func:`_head_scale`). ``k = examples`` is the same as ``None``.
+    head: ``k -> forward`` of the batch's first ``k`` examples (the inputs sliced along their
+      leading axis); needed for ``rows`` with the sampled Fisher.
 
   Returns:
     ``(loss, grads, stats, aux)``.
@@ -265,10 +349,47 @@ def run(
     weights = jnp.asarray(weights)
     if weights.shape != (examples,):
       raise ValueError(f"weights must have shape ({examples},), got {weights.shape}")
+  check_rows(rows, examples)
+  if rows == examples:
+    rows = None
+  if rows is not None and fisher == "sampled":
+    if head is None:
+      raise TypeError("rows with the sampled Fisher needs head, the forward of the first rows")
+    value, grads, aux = _loss_pass(forward, params, kind, targets, weights)
+    head_forward, head_targets = head(rows), targets[:rows]
+    head_weights = None if weights is None else weights[:rows]
+    head_shapes, _ = _shape_pass(head_forward, params, kind, loss, head_targets)
+    _, _, output_grads, inputs, _, recorder = _vjp_pass(
+      head_forward,
+      params,
+      head_shapes,
+      kind,
+      head_targets,
+      rng,
+      fisher=fisher,
+      weights=head_weights,
+      examples=rows,
+      loss_grads=False,
+    )
+    return value, grads, _assemble_stats(recorder, inputs, output_grads, params, rows), aux
   value, grads, output_grads, inputs, aux, recorder = _vjp_pass(
     forward, params, shapes, kind, targets, rng, fisher=fisher, weights=weights, examples=examples
   )
-  return value, grads, _assemble_stats(recorder, inputs, output_grads, params, examples), aux
+  stats = _assemble_stats(recorder, inputs, output_grads, params, examples)
+  if rows is not None:  # empirical: the first rows of the one backward pass
+    stats = jax.tree.map(
+      lambda s: _head_stats(s, weights, examples, rows),
+      stats,
+      is_leaf=lambda x: isinstance(x, DenseStats),
+    )
+  return value, grads, stats, aux
+
+
+def _head_stats(stats: DenseStats, weights, examples: int, rows: int) -> DenseStats:
+  """A layer's stats of the first ``rows`` examples, cut from those of the whole batch."""
+  g = stats.output_grads[:rows]
+  scale = _head_scale(weights, examples, rows, g.dtype)
+  return DenseStats(stats.inputs[:rows], g if scale is None else _scale_rows(g, scale))
 
 
 def _split_aux(result):

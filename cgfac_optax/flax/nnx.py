@@ -97,6 +97,7 @@ def nnx_value_grad_and_stats(
   loss: str = "softmax_cross_entropy",
   fisher: str = "sampled",
   weights: jax.Array | None = None,
+  curvature_rows: int | None = None,
 ) -> tuple[jax.Array, nnx.State, dict]:
   """Loss, gradients and CG-FAC ``layer_stats`` of an NNX model in one pass.
 
@@ -107,6 +108,20 @@ def nnx_value_grad_and_stats(
   forward pass changes (RNG counters, batch statistics) is written back to
   ``model``, as ``nnx.grad`` does.
 
+  With ``curvature_rows=k`` the stats are those of the batch's first ``k``
+  examples alone, as in :func:`cgfac_optax.flax.value_grad_and_stats`: for the
+  sampled Fisher, one forward and backward pass of the whole batch (loss and
+  gradients) and one forward and backward pass of the first ``k`` examples
+  (stats) instead of a second backward pass over the whole batch; for the
+  empirical Fisher, the first ``k`` rows of the one backward pass. The stats
+  equal those of this function on ``inputs``, ``targets`` and ``weights``
+  sliced to their first ``k`` examples with the same ``rng``. The subsample
+  pass starts from the model's state before the call and its state changes
+  are dropped: what is written back to ``model`` is the whole batch's, the
+  same as without ``curvature_rows``. Set ``k`` to the optimizer's
+  ``curvature_batch_size`` (128 in ``cgfac()``); :func:`nnx_curvature_model`
+  is separate and stays on the whole batch.
+
   Args:
     model: the NNX module, called as ``model(inputs)``.
     inputs: the batch's inputs.
@@ -116,6 +131,8 @@ def nnx_value_grad_and_stats(
       ``"squared_error"``.
     fisher: ``"sampled"`` (true Fisher) or ``"empirical"``.
     weights: optional per-example weights ``(examples,)``.
+    curvature_rows: ``None`` (stats of the whole batch, default) or ``k``, an
+      int from 1 to the batch size: stats of the batch's first ``k`` examples.
 
   Returns:
     ``(loss, grads, stats)``: the weighted-mean loss, its gradient as an
@@ -125,7 +142,8 @@ def nnx_value_grad_and_stats(
 
   Raises:
     ValueError: for an unknown loss or Fisher, targets of the wrong shape, a
-      layer called inside a transformation, or a model without a captured layer.
+      layer called inside a transformation, a model without a captured layer,
+      or ``curvature_rows`` that is not an int from 1 to the batch size.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -143,25 +161,36 @@ def nnx_value_grad_and_stats(
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   classes = {type(m) for _, m in nnx.iter_modules(model) if find_rule(m) is not None}
 
-  def forward(p, perturbations, recorder):
-    # Fresh Variables for the non-parameter state, owned by this trace, so the
-    # forward pass may update them (batch statistics, RNG counts).
-    module = nnx.merge(graphdef, p, jax.tree.map(lambda v: v, rest))
-    paths = {}
-    for path, m in nnx.iter_modules(module):
-      if find_rule(m) is not None:
-        paths[id(m)] = path
-        # A static attribute: it survives the split/merge of NNX transformations,
-        # so a copy of the layer called inside one can be named in the error.
-        setattr(m, _PATH_ATTRIBUTE, path)
-    capture = _Capture(paths, recorder, perturbations)
-    with _wrapped_calls(classes, capture):
-      outputs = module(inputs)
-    _, _, new_rest = nnx.split(module, nnx.Param, ...)
-    return outputs, capture.inputs, new_rest
+  def forward_of(batch):
+    def forward(p, perturbations, recorder):
+      # Fresh Variables for the non-parameter state, owned by this trace, so the
+      # forward pass may update them (batch statistics, RNG counts).
+      module = nnx.merge(graphdef, p, jax.tree.map(lambda v: v, rest))
+      paths = {}
+      for path, m in nnx.iter_modules(module):
+        if find_rule(m) is not None:
+          paths[id(m)] = path
+          # A static attribute: it survives the split/merge of NNX transformations,
+          # so a copy of the layer called inside one can be named in the error.
+          setattr(m, _PATH_ATTRIBUTE, path)
+      capture = _Capture(paths, recorder, perturbations)
+      with _wrapped_calls(classes, capture):
+        outputs = module(batch)
+      _, _, new_rest = nnx.split(module, nnx.Param, ...)
+      return outputs, capture.inputs, new_rest
+
+    return forward
 
   value, grads, stats, new_rest = _capture.run(
-    forward, params, targets, rng, loss=loss, fisher=fisher, weights=weights
+    forward_of(inputs),
+    params,
+    targets,
+    rng,
+    loss=loss,
+    fisher=fisher,
+    weights=weights,
+    rows=curvature_rows,
+    head=lambda k: forward_of(jax.tree.map(lambda x: x[:k], inputs)),
   )
   nnx.update(model, new_rest)
   return value, grads, stats
