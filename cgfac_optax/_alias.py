@@ -22,6 +22,7 @@ _KL_CLIP = 1e-3
 FIXED_RATE_DEFAULTS = {
   "damping": 1e-3,
   "solver": "cg",
+  "max_iters": 10,
   "curvature_decay": 0.0,
   "refresh_every": 1,
   "curvature_batch_size": None,
@@ -29,6 +30,7 @@ FIXED_RATE_DEFAULTS = {
 ADAPTIVE_DEFAULTS = {
   "damping": AdaptiveDamping(initial=0.1, minimum=1e-5),
   "solver": "kfac_inverse",
+  "max_iters": 10,
   "curvature_decay": 0.95,
   "refresh_every": 20,
   "curvature_batch_size": 128,
@@ -42,7 +44,7 @@ def cgfac(
   momentum: float | jax.Array | None = _MOMENTUM,
   nesterov: bool = False,
   kl_clip: float | jax.Array | None = _KL_CLIP,
-  max_iters: int = 10,
+  max_iters: int | None = None,
   tol: float = 1e-3,
   solver: SolverOption | None = None,
   warm_start: bool = True,
@@ -52,6 +54,7 @@ def cgfac(
   fallback_decay: float | jax.Array = 0.95,
   curvature_decay: float | jax.Array | None = None,
   refresh_every: int | None = None,
+  sketch_rank: int | None = None,
   precision: MatmulPrecision | None = None,
   curvature_dtype: CurvatureDtype | None = None,
   cg_skip: CGSkip | None = None,
@@ -78,7 +81,7 @@ def cgfac(
     (kfac-pytorch's default bound) so a too-large learning rate shortens the
     steps instead of diverging. Defaults: the paper's CG-FAC, ``damping=1e-3``,
     ``solver="cg"`` (matrix-free CG on each batch's curvature),
-    ``curvature_decay=0``, ``refresh_every=1``, ``curvature_batch_size=None``.
+    ``max_iters=10``, ``curvature_decay=0``, ``refresh_every=1``, ``curvature_batch_size=None``.
 
   Both chains hold the state ``optax.chain`` would, but a step that
   ``scale_by_cgfac`` skips as a whole (see its docstring) leaves the later
@@ -99,7 +102,7 @@ def cgfac(
     nesterov: use Nesterov momentum.
     kl_clip: bound ``kappa`` on ``learning_rate^2 <x, F x>`` of each
       preconditioned step ``x`` (before momentum); ``None`` turns clipping off.
-    max_iters: see :func:`scale_by_cgfac`.
+    max_iters: see :func:`scale_by_cgfac`; ``None`` for the mode's default.
     tol: see :func:`scale_by_cgfac`.
     solver: see :func:`scale_by_cgfac`; ``None`` for the mode's default.
     warm_start: see :func:`scale_by_cgfac`.
@@ -110,6 +113,7 @@ def cgfac(
     fallback_decay: see :func:`scale_by_cgfac`.
     curvature_decay: see :func:`scale_by_cgfac`; ``None`` for the mode's default.
     refresh_every: see :func:`scale_by_cgfac`; ``None`` for the mode's default.
+    sketch_rank: see :func:`scale_by_cgfac`.
     precision: see :func:`scale_by_cgfac`; ``None`` for the platform's default.
     curvature_dtype: see :func:`scale_by_cgfac`.
     cg_skip: see :func:`scale_by_cgfac`.
@@ -150,7 +154,7 @@ def cgfac(
       pick(damping, "damping"),
       learning_rate=learning_rate,
       kl_clip=kl_clip,
-      max_iters=max_iters,
+      max_iters=pick(max_iters, "max_iters"),
       tol=tol,
       solver=pick(solver, "solver"),
       warm_start=warm_start,
@@ -160,6 +164,7 @@ def cgfac(
       fallback_decay=fallback_decay,
       curvature_decay=pick(curvature_decay, "curvature_decay"),
       refresh_every=pick(refresh_every, "refresh_every"),
+      sketch_rank=sketch_rank,
       adaptive_step=adaptive_step,
       precision=precision,
       curvature_dtype=curvature_dtype,

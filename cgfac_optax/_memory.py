@@ -24,6 +24,11 @@ steps (a ``lax.cond``, so the other steps decompose nothing). Between
 refreshes ``"eigh"`` solves with the stale basis (standard K-FAC's amortized
 inverse), while ``"pcg"`` runs CG on the current averages and uses the stale
 inverses only as its preconditioner.
+
+The ``"sketch"`` solver keeps the same averages matrix-free instead: a rank-``k``
+sketch of each with an isotropic tail, ``O(k d)`` memory, updated every step
+from the rows by the same decay rule
+(:mod:`cgfac_optax._solvers.sketch`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cgfac_optax._solvers import sketch
 from cgfac_optax._solvers._base import FactorCurvature, Factors, factors
 
 
@@ -53,19 +59,41 @@ def init_layer(d_a: int, d_g: int, dtype, refresh) -> LayerMemory:
   return LayerMemory(f, refreshed)
 
 
-def batch_curvature(solver, rows, damping):
+def widths(memory: LayerMemory | sketch.SketchMemory) -> tuple[int, int]:
+  """``(d_A, d_G)`` of the factors a layer's memory averages."""
+  if isinstance(memory, sketch.SketchMemory):
+    return memory.a.q.shape[0], memory.g.q.shape[0]
+  return memory.factors.a.shape[0], memory.factors.g.shape[0]
+
+
+def batch_curvature(solver, rows, damping, *, sketch_rank: int = sketch.DEFAULT_RANK):
   """What ``solver.prepare`` takes, from this batch's rows alone (no memory)."""
   if solver.curvature == "rows":
     return rows
+  if solver.curvature == "sketch":
+    empty = sketch.init(rows.a.shape[1], rows.g.shape[1], sketch_rank, rows.a.dtype)
+    return sketch.update_memory(empty, rows, 0.0)
   f = factors(rows)
   return FactorCurvature(f, None if solver.refresh is None else solver.refresh(f, damping))
 
 
+def decay_at(decay, count: jax.Array, dtype) -> jax.Array:
+  """``beta_t = min(beta, t / (t + 1))``: the weight of the old average at step ``t``."""
+  t = count.astype(dtype)
+  return jnp.minimum(jnp.asarray(decay, dtype), t / (t + 1))
+
+
 def average(previous: Factors, batch: Factors, decay, count: jax.Array) -> Factors:
   """The running average after this step's factors (the rule in the module docstring)."""
-  t = count.astype(batch.a.dtype)
-  beta = jnp.minimum(jnp.asarray(decay, batch.a.dtype), t / (t + 1))
+  beta = decay_at(decay, count, batch.a.dtype)
   return Factors(*(beta * p + (1 - beta) * b for p, b in zip(previous, batch)))
+
+
+def update_sketch(
+  memory: sketch.SketchMemory, rows, decay, count: jax.Array
+) -> sketch.SketchMemory:
+  """The sketches of the running averages after this step's rows."""
+  return sketch.update_memory(memory, rows, decay_at(decay, count, memory.a.q.dtype))
 
 
 def refresh_due(count: jax.Array, refresh_every) -> jax.Array:

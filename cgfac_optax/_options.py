@@ -109,6 +109,7 @@ def validate(
   curvature_decay,
   refresh_every,
   adaptive_step,
+  sketch_rank=64,
   precision=None,
   curvature_dtype=None,
   cg_skip=None,
@@ -151,6 +152,12 @@ def validate(
   check_number("fallback_decay", fallback_decay, lambda b: 0 <= b < 1, "a float in [0, 1)")
   check_number("curvature_decay", curvature_decay, lambda b: 0 <= b < 1, "in [0, 1)")
   check_int_or_array("refresh_every", refresh_every, 1)
+  if isinstance(sketch_rank, (jax.Array, np.ndarray)):
+    raise ValueError(
+      f"sketch_rank sets the shapes of the sketches and must be a Python int, got {sketch_rank!r}; "
+      "under optax.inject_hyperparams pass static_args=('sketch_rank',)"
+    )
+  check_int("sketch_rank", sketch_rank, 1)
   if precision not in PRECISIONS:
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
   if curvature_dtype not in CURVATURE_DTYPES:

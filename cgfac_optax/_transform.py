@@ -45,7 +45,7 @@ from cgfac_optax._damping import AdaptiveDamping
 from cgfac_optax._layers import Layer
 from cgfac_optax._mesh import auto_axes_on_explicit_mesh
 from cgfac_optax._options import CGSkip, CurvatureDtype, Fallback, Preconditioner, SolverOption
-from cgfac_optax._solvers import SOLVERS, Solver
+from cgfac_optax._solvers import SOLVERS, Solver, sketch
 from cgfac_optax._solvers import _base as _arithmetic
 from cgfac_optax._solvers._base import FactorCurvature, MatmulPrecision
 from cgfac_optax._solvers._base import factors as _factors
@@ -70,7 +70,9 @@ class ScaleByCGFACState(NamedTuple):
       for the other fallbacks.
     curvature: with curvature memory, each factor-based layer's running
       averages of ``A`` and ``G`` and their eigenbasis
-      (:class:`~cgfac_optax._memory.LayerMemory`); ``None`` without.
+      (:class:`~cgfac_optax._memory.LayerMemory`), or with ``"sketch"`` their
+      sketches (:class:`~cgfac_optax._solvers.sketch.SketchMemory`); ``None``
+      without.
     previous_update: with ``adaptive_step``, the last step ``delta`` (the
       update added to the parameters); ``None`` without.
     coefficients: with ``adaptive_step``, the last ``(alpha, mu)`` the
@@ -83,7 +85,7 @@ class ScaleByCGFACState(NamedTuple):
   residual: dict[str, jax.Array]  # shape=() each, dtype=float32
   control: StepControlState
   fallback_moment: optax.Updates | None = None  # like params
-  curvature: dict[str, _memory.LayerMemory] | None = None  # per layer path
+  curvature: dict[str, Any] | None = None  # per layer path: LayerMemory or SketchMemory
   previous_update: optax.Updates | None = None  # like params
   coefficients: jax.Array | None = None  # shape=(2,), dtype=float32
 
@@ -115,10 +117,15 @@ class _Written(NamedTuple):
   skipped: jax.Array  # shape=(), bool
 
 
-def _curvature(method: Solver, rows, memory, damping, count, *, curvature_decay, refresh_every):
+def _curvature(
+  method: Solver, rows, memory, damping, count, *, curvature_decay, refresh_every, sketch_rank
+):
   """What the solver prepares from, and the layer's memory after this step."""
   if method.curvature == "rows" or memory is None:
-    return _memory.batch_curvature(method, rows, damping), None
+    return _memory.batch_curvature(method, rows, damping, sketch_rank=sketch_rank), None
+  if method.curvature == "sketch":
+    memory = _memory.update_sketch(memory, rows, curvature_decay, count)
+    return memory, memory
   memory = _memory.update(
     memory,
     _factors(rows),
@@ -145,16 +152,17 @@ def _build_system(
   warm_start,
   curvature_decay,
   refresh_every,
+  sketch_rank,
 ) -> _System:
   dtype = jnp.promote_types(grads[layer.kernel].dtype, jnp.float32)
   has_bias = layer.bias is not None
   rows = _layers.curvature_rows(layer.stats, has_bias, curvature_batch_size, dtype)
   shape = _layers.shape(layer.stats, has_bias, curvature_batch_size)
   method = SOLVERS[_plan.layer_solver(solver, layer.path, shape, dtype, max_iters)]
-  if memory is not None and memory.factors.a.shape != (shape.d_a, shape.d_a):
+  if memory is not None and _memory.widths(memory) != (shape.d_a, shape.d_g):
     raise ValueError(
       f"layer {layer.path!r}: curvature memory holds factors of widths "
-      f"{memory.factors.a.shape[0]} and {memory.factors.g.shape[0]} (from the kernel's "
+      f"{_memory.widths(memory)[0]} and {_memory.widths(memory)[1]} (from the kernel's "
       f"shape at init, outputs on its last axis) but the stats give {shape.d_a} and "
       f"{shape.d_g}; use a batch-only solver for this layer"
     )
@@ -167,6 +175,7 @@ def _build_system(
     count,
     curvature_decay=curvature_decay,
     refresh_every=refresh_every,
+    sketch_rank=sketch_rank,
   )
   start = _layers.as_matrix(warm, layer, dtype)
   unit = _finite.unit_system(
@@ -421,8 +430,8 @@ def _quadratic_step(out, grads, previous, params, model, gamma, treedef) -> _Ste
   return _Step(out, treedef.unflatten(delta), x.astype(jnp.float32), predicted, probe)
 
 
-def _init_memory(params, solver, requested: bool) -> dict[str, _memory.LayerMemory]:
-  """Zero curvature memory for every layer whose solver uses the factors.
+def _init_memory(params, solver, requested: bool, sketch_rank: int) -> dict[str, Any]:
+  """Zero curvature memory for every layer whose solver uses the factors or their sketches.
 
   A layer left to "auto" gets none; that is an error when memory was asked for by value (not
   when the options are arrays, as under ``optax.inject_hyperparams``).
@@ -440,14 +449,17 @@ def _init_memory(params, solver, requested: bool) -> dict[str, _memory.LayerMemo
         f"a named solver, not 'auto': pass solver= one of {list(SOLVERS)} (or a dict by path)"
       )
     method = SOLVERS[name]
-    if method.curvature != "factors":
+    if method.curvature == "rows":
       continue
     kernel, bias = leaf[_layers.child(path, "kernel")], leaf.get(_layers.child(path, "bias"))
     # A bias has the layer's outputs (several kernel axes for nnx.LinearGeneral and attention).
     d_g = kernel.shape[-1] if bias is None else bias.size
     d_a = kernel.size // d_g + int(bias is not None)
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)
-    out[path] = _memory.init_layer(d_a, d_g, dtype, method.refresh)
+    if method.curvature == "sketch":
+      out[path] = sketch.init(d_a, d_g, sketch_rank, dtype)
+    else:
+      out[path] = _memory.init_layer(d_a, d_g, dtype, method.refresh)
   return out
 
 
@@ -497,6 +509,7 @@ def scale_by_cgfac(
   fallback_decay: float | jax.Array = 0.95,
   curvature_decay: float | jax.Array = 0.0,
   refresh_every: int = 1,
+  sketch_rank: int | None = None,
   adaptive_step: bool = False,
   precision: MatmulPrecision | None = None,
   curvature_dtype: CurvatureDtype | None = None,
@@ -565,10 +578,15 @@ def scale_by_cgfac(
     max_iters: most CG iterations per step.
     tol: CG stops for a layer when ``||r|| <= tol ||grad||``; in ``[0, 1)``.
     solver: ``"cg"`` (matrix-free CG, the paper), ``"cg_materialized"`` (CG
-      with ``A`` and ``G`` formed once per step), ``"eigh"`` (exact: standard
-      K-FAC with eigendecomposed factors) or ``"lowrank"`` (exact: thin
-      eigendecomposition from the ``rows x rows`` Gram matrices); or
-      ``"auto"``: per layer, the cheapest of these by the cost model of
+      with ``A`` and ``G`` formed once per step), ``"pcg"`` (that CG
+      preconditioned by K-FAC's inverses), ``"eigh"`` (exact: standard
+      K-FAC with eigendecomposed factors), ``"lowrank"`` (exact: thin
+      eigendecomposition from the ``rows x rows`` Gram matrices),
+      ``"kfac_inverse"`` (K-FAC's factored-damping inverses, not exact) or
+      ``"sketch"`` (the same factored-damping solve on rank-``sketch_rank``
+      sketches of the factors with an isotropic tail: memory and solve
+      linear in the widths; not exact); or
+      ``"auto"``: per layer, the cheapest exact one by the cost model of
       :func:`cgfac_optax.plan` (which shows the choice); or a dict
       ``{layer path: solver}`` (layers not in it use ``"auto"``).
     warm_start: start CG from the previous solution (else from zero).
@@ -588,11 +606,17 @@ def scale_by_cgfac(
     fallback_decay: EMA decay of the ``"diagonal"`` fallback's second moment.
     curvature_decay: decay ``beta`` of the running averages of the factors
       ``A`` and ``G`` kept in the state for the factor-based solvers
-      (``"cg_materialized"``, ``"eigh"``, ``"pcg"``); ``0`` uses each batch's
-      curvature alone. See :mod:`cgfac_optax._memory`.
+      (``"cg_materialized"``, ``"eigh"``, ``"pcg"``, ``"kfac_inverse"``) and,
+      as sketches, for ``"sketch"``; ``0`` uses each batch's curvature alone.
+      See :mod:`cgfac_optax._memory`.
     refresh_every: with ``"eigh"`` and ``"pcg"``, recompute the factors'
       eigenbasis on steps ``0, 1, 2, 4, ...`` below this, then every this-many
       steps; ``1`` decomposes every step.
+    sketch_rank: with ``"sketch"``, the directions ``k`` each factor's sketch
+      holds (at most the factor's width; ``None`` for 64); memory ``(k + 1)
+      (d_A + d_G)`` per layer, a solve ``8 k d_A d_G`` flops. It sets array
+      shapes: a Python int (``static_args`` under ``optax.inject_hyperparams``).
+      See :mod:`cgfac_optax._solvers.sketch`.
     adaptive_step: choose the step size and momentum from the local quadratic
       model (:mod:`cgfac_optax._quadratic`): the output is then the whole
       step ``-delta`` with ``delta = alpha D + mu delta_prev`` (``D`` the
@@ -651,6 +675,7 @@ def scale_by_cgfac(
     Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
   """
   adaptive = isinstance(damping, AdaptiveDamping)
+  sketch_rank = sketch.DEFAULT_RANK if sketch_rank is None else sketch_rank
   _options.validate(
     damping=damping,
     adaptive=adaptive,
@@ -665,6 +690,7 @@ def scale_by_cgfac(
     fallback_decay=fallback_decay,
     curvature_decay=curvature_decay,
     refresh_every=refresh_every,
+    sketch_rank=sketch_rank,
     adaptive_step=adaptive_step,
     precision=precision,
     curvature_dtype=curvature_dtype,
@@ -677,6 +703,7 @@ def scale_by_cgfac(
     warm_start=warm_start,
     curvature_decay=curvature_decay,
     refresh_every=refresh_every,
+    sketch_rank=sketch_rank,
   )
   refresh_each_step = _options.is_int(refresh_every) and refresh_every == 1
   batch_only = refresh_each_step and (_options.is_number(curvature_decay) and curvature_decay == 0)
@@ -693,7 +720,7 @@ def scale_by_cgfac(
       residual={p: jnp.zeros([], jnp.float32) for p in paths},
       control=_control.init(damping, paths),
       fallback_moment=_fallback.init(params, fallback),
-      curvature=None if batch_only else _init_memory(params, solver, memory_requested),
+      curvature=None if batch_only else _init_memory(params, solver, memory_requested, sketch_rank),
       previous_update=optax.tree.zeros_like(params) if adaptive_step else None,
       coefficients=jnp.zeros([2], jnp.float32) if adaptive_step else None,
     )

@@ -131,17 +131,18 @@ def _norm_scale(tree, kind):
 
 
 def _solvers(paths, shift):
-  """Every solver once, over the model's six layers with stats."""
+  """Six consecutive solvers of the table (cyclically), over the model's six layers with stats."""
   names = list(SOLVERS)
-  assert len(names) == len(paths) == 6
-  return {p: names[(i + shift) % 6] for i, p in enumerate(paths)}
+  assert len(paths) == 6 <= len(names) <= 12
+  return {p: names[(i + shift) % len(names)] for i, p in enumerate(paths)}
 
 
 ATTENTION = ("query", "key", "value", "out")
 LINEN_SOLVERS = _solvers(
   ["Conv_0", *(f"MultiHeadDotProductAttention_0/{p}" for p in ATTENTION), "Dense_0"], 0
 )
-NNX_SOLVERS = _solvers(["conv", *(f"attention/{p}" for p in ATTENTION), "head"], 3)
+NNX_SOLVERS = _solvers(["conv", *(f"attention/{p}" for p in ATTENTION), "head"], 6)
+assert set(LINEN_SOLVERS.values()) | set(NNX_SOLVERS.values()) == set(SOLVERS)  # every one runs
 
 # The configurations: (model, options of cgfac, adaptive mode).
 CONFIGS = {

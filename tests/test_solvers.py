@@ -17,7 +17,7 @@ import pytest
 import cgfac_optax as cgfac
 from cgfac_optax import _layers
 from cgfac_optax._layers import CurvatureRows, LayerShape
-from cgfac_optax._solvers import SOLVERS, _base, cg, lowrank
+from cgfac_optax._solvers import SOLVERS, _base, cg, lowrank, sketch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import oracles  # noqa: E402
@@ -64,9 +64,10 @@ def test_solver_table_is_consistent():
       assert (s.preconditioner is None) != (s.diagonal is None), name
     else:
       assert s.preconditioner is None and s.diagonal is None, name
-    assert s.curvature in ("rows", "factors"), name
+    assert s.curvature in ("rows", "factors", "sketch"), name
     assert s.refresh is None or s.curvature == "factors", name  # it refreshes from the factors
-    assert not s.matrix_free or s.curvature == "rows", name  # factors are d^2 arrays
+    # Factors are d^2 arrays; rows and sketches are linear in the widths.
+    assert s.matrix_free == (s.curvature != "factors"), name
     shape = LayerShape(rows=64, d_a=33, d_g=10)
     assert s.flops(shape, 3, 1) > 0 and s.memory(shape) > 0, name
     assert s.communication(shape, 3, 1) == 0, name  # one device exchanges nothing
@@ -291,10 +292,12 @@ def _step_shapes(method, rows, d_a, d_g):
 
 @pytest.mark.parametrize("solver", MATRIX_FREE)
 def test_matrix_free_solvers_never_form_a_factor(solver):
-  # What matrix_free promises: nothing of size d_A x d_A or d_G x d_G.
-  shapes = _step_shapes(SOLVERS[solver], 3, 9, 7)
-  assert (9, 9) not in shapes and (7, 7) not in shapes
-  assert (9, 7) in shapes  # the jaxpr was read
+  # What matrix_free promises: nothing of size d_A x d_A or d_G x d_G. A sketch holds whole
+  # factors when its rank covers their widths, so its layer is wider than rank + rows.
+  d_a, d_g = (9, 7) if SOLVERS[solver].curvature == "rows" else (sketch.DEFAULT_RANK + 9, 80)
+  shapes = _step_shapes(SOLVERS[solver], 3, d_a, d_g)
+  assert (d_a, d_a) not in shapes and (d_g, d_g) not in shapes
+  assert (d_a, d_g) in shapes  # the jaxpr was read
 
 
 @pytest.mark.parametrize("solver", FORMS_FACTORS)

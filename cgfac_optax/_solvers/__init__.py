@@ -7,9 +7,10 @@ from cgfac_optax._solvers.eigh import EIGH
 from cgfac_optax._solvers.kfac_inverse import KFAC_INVERSE
 from cgfac_optax._solvers.lowrank import LOWRANK
 from cgfac_optax._solvers.pcg import PCG
+from cgfac_optax._solvers.sketch import SKETCH
 
 SOLVERS: dict[str, Solver] = {
-  s.name: s for s in (CG, CG_MATERIALIZED, EIGH, LOWRANK, PCG, KFAC_INVERSE)
+  s.name: s for s in (CG, CG_MATERIALIZED, EIGH, LOWRANK, PCG, KFAC_INVERSE, SKETCH)
 }
 
 __all__ = ["SOLVERS", "Solver"]

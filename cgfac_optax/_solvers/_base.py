@@ -11,11 +11,13 @@ A solver applies ``(F + \gamma I)^{-1}`` for one layer's Kronecker block
 - *direct*: ``prepare`` factorizes once per step and ``solve(data, V)`` returns
   ``(F + \gamma I)^{-1} V`` (exactly, unless the record says ``exact=False``).
 
-A solver prepares from one of two kinds of curvature: the batch's rows
-(:class:`~cgfac_optax._layers.CurvatureRows`: matrix-free, batch-only) or the
+A solver prepares from one of three kinds of curvature: the batch's rows
+(:class:`~cgfac_optax._layers.CurvatureRows`: matrix-free, batch-only), the
 factors ``A`` and ``G`` themselves, with their eigenbasis when the solver uses
-one (:class:`~cgfac_optax._memory.FactorCurvature`): formed from the batch, or
-running averages kept in the optimizer state (:mod:`cgfac_optax._memory`).
+one (:class:`~cgfac_optax._memory.FactorCurvature`), or low-rank sketches of
+them (:class:`~cgfac_optax._solvers.sketch.SketchMemory`): formed from the
+batch, or running averages kept in the optimizer state
+(:mod:`cgfac_optax._memory`).
 
 Next to its functions, a record carries its cost model for one layer of shape
 :class:`~cgfac_optax._layers.LayerShape` (``B`` rows, ``n = d_A d_G``): flops
@@ -53,7 +55,7 @@ class Solver(NamedTuple):
 
   Attributes:
     name: the ``solver=`` option that selects it.
-    curvature: ``"rows"`` or ``"factors"``: what ``prepare`` takes.
+    curvature: ``"rows"``, ``"factors"`` or ``"sketch"``: what ``prepare`` takes.
     refresh: factor-based solvers that keep something computed from the
       factors (an eigenbasis, inverses): ``(factors, damping) -> refreshed``,
       run every step without curvature memory and on the refresh schedule
@@ -77,7 +79,7 @@ class Solver(NamedTuple):
   """
 
   name: str
-  curvature: Literal["rows", "factors"]
+  curvature: Literal["rows", "factors", "sketch"]
   refresh: Callable[[Any, Any], Any] | None
   prepare: Callable[[Any, Any], Any]
   operator: Callable[[Any, jax.Array], jax.Array] | None
