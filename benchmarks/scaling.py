@@ -128,8 +128,10 @@ def main(argv=None):
   parser.add_argument("--tiny", action="store_true", help="small grid, seconds-long check")
   args = parser.parse_args(argv)
   if args.tiny:
-    args.d_in, args.widths, args.width_rows = 64, [32, 128], 16
-    args.rows, args.rows_width, args.reps = [8, 64], 64, 1
+    # One cell per sweep (each solver compiles once per cell), with d_out above d_in in one and
+    # below it in the other: both sides of the solvers' shape-dependent branches.
+    args.d_in, args.widths, args.width_rows = 64, [128], 16
+    args.rows, args.rows_width, args.reps = [8], 64, 1
     args.max_seconds = 5.0
 
   info = C.environment()

@@ -36,14 +36,24 @@ def _x64():
   return enable_x64()
 
 
-def run_script(name: str, out: Path, *extra: str) -> dict:
+# XLA's cheapest CPU code generation: these smoke runs time nothing, and compile about 40% faster.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def script_env() -> dict:
+  """The environment of a benchmark script: this checkout first, the fast-compiling XLA flags."""
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+  return env
+
+
+def run_script(name: str, out: Path, *extra: str) -> dict:
   proc = subprocess.run(
     [sys.executable, str(BENCH / name), "--tiny", "--out", str(out), *extra],
     capture_output=True,
     text=True,
-    env=env,
+    env=script_env(),
     timeout=900,
     check=False,
   )
@@ -154,13 +164,11 @@ def test_vs_kfac_jax_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_script_tiny(tmp_path):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
   proc = subprocess.run(
     [sys.executable, str(BENCH / "gpu.py"), "--tiny", "--out", str(tmp_path)],
     capture_output=True,
     text=True,
-    env=env,
+    env=script_env(),
     timeout=900,
     check=False,
   )
@@ -257,13 +265,8 @@ def test_decompositions_tiny(tmp_path):
   assert all(v > 0 for v in res["seconds"].values())
 
 
-# XLA's cheapest CPU code generation: these smoke runs time nothing, and compile about 40% faster.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
 @pytest.mark.slow
-def test_transformer_tiny(tmp_path, monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip())
+def test_transformer_tiny(tmp_path):
   res = run_script("transformer.py", tmp_path)
   runs = {r["optimizer"]: r for r in res["results"]}
   assert list(runs) == ["CG-FAC", "Adam", "Muon"]
