@@ -235,7 +235,8 @@ def test_masked_and_conditional_skipping_give_the_same_solve(jacobi):
   np.testing.assert_array_equal(mask.x[0], short.x[0])
   for got, want in zip(mask.x, cond.x):
     np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13)
-  np.testing.assert_allclose(mask.residual, cond.residual, rtol=1e-8, atol=1e-12)
+  # Relative residuals at rounding level (1e-12) depend on the summation order of each path.
+  np.testing.assert_allclose(mask.residual, cond.residual, rtol=1e-8, atol=1e-11)
 
 
 def test_unknown_skip_is_named():

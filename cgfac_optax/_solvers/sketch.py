@@ -122,7 +122,9 @@ def update(s: Sketch, x: jax.Array, scale, beta) -> Sketch:
     keep = e > eps * d * jnp.max(jnp.abs(e), initial=0.0)
     q = jnp.where(keep, q, 0.0)
   trace = beta * s.trace + (1 - beta) * jnp.asarray(scale, dtype) * jnp.sum(jnp.square(x))
-  return Sketch(q, jnp.where(keep, e, 0.0), trace)
+  # A non-finite eigenvalue (rows that overflow) stays in the sketch, so that the solve and the
+  # memory show it and the layer is skipped, rather than dropped as a direction not held.
+  return Sketch(q, jnp.where(keep | ~jnp.isfinite(e), e, 0.0), trace)
 
 
 def update_memory(memory: SketchMemory, rows: CurvatureRows, beta) -> SketchMemory:
@@ -185,11 +187,27 @@ def memory(shape: LayerShape) -> int:
   return (k_a + 1) * shape.d_a + (k_g + 1) * shape.d_g
 
 
+def _sketch_communication(d: int, rows: int, k: int, data_shards: int) -> float:
+  """One factor's update with the rows sharded.
+
+  Through the Gram: the rows are gathered, the ``(k + rows)^2`` Gram too (after an all-to-all
+  of its blocks) and ``Q = Y U`` all-reduced; through ``Y Y^T``: it is all-reduced, as a
+  formed factor. And the trace, one scalar.
+  """
+  k, m = min(k, d), min(k, d) + rows
+  if m <= d:
+    return float(rows * d + m * m + m * m / data_shards + d * k + 1)
+  return float(d * d + 1)
+
+
 def communication(shape: LayerShape, cg_iters: int, data_shards: int) -> float:
-  """The rows are gathered for the Grams (as ``"lowrank"``'s)."""
+  """Exchanged by the two sketch updates; the solve works on replicated data."""
   if data_shards <= 1:
     return 0.0
-  return float(shape.rows) * (shape.d_a + shape.d_g)
+  k_a, k_g = min(DEFAULT_RANK, shape.d_a), min(DEFAULT_RANK, shape.d_g)
+  return _sketch_communication(shape.d_a, shape.rows, k_a, data_shards) + _sketch_communication(
+    shape.d_g, shape.rows, k_g, data_shards
+  )
 
 
 SKETCH = Solver(
