@@ -98,7 +98,7 @@ def value_grad_and_stats(
   examples are padding, their inputs enter ``A``.
 
   Curvature rows: the optimizer builds its factors from the stats of the
-  batch's first ``curvature_batch_size`` examples only (``cgfac()`` uses 128),
+  batch's first ``curvature_batch_size`` examples only (``cgfac()`` uses 512),
   and with ``curvature_rows=k`` the stats hold those ``k`` examples alone. With
   the sampled Fisher the function then runs one forward and one backward pass
   of the whole batch (the loss and ``grads``, unchanged) and one forward and

@@ -119,7 +119,7 @@ def nnx_value_grad_and_stats(
   pass starts from the model's state before the call and its state changes
   are dropped: what is written back to ``model`` is the whole batch's, the
   same as without ``curvature_rows``. Set ``k`` to the optimizer's
-  ``curvature_batch_size`` (128 in ``cgfac()``); :func:`nnx_curvature_model`
+  ``curvature_batch_size`` (512 in ``cgfac()``); :func:`nnx_curvature_model`
   is separate and stays on the whole batch.
 
   Args:
