@@ -56,21 +56,27 @@ def _mean_trace(x: jax.Array) -> jax.Array:
   return jnp.trace(x) / x.shape[0]
 
 
-def factored_inverses(f: Factors, damping) -> Inverses:
-  """The factored-damping inverses (the formula in the module docstring)."""
-  dtype = f.a.dtype
+def factored_shifts(mean_trace_a, mean_trace_g, damping, dtype) -> tuple[jax.Array, jax.Array]:
+  """``(pi sqrt(gamma), sqrt(gamma) / pi)`` from the factors' mean eigenvalues ``tr / d``."""
   root = jnp.sqrt(jnp.asarray(damping, dtype))
-  ta, tg = _mean_trace(f.a), _mean_trace(f.g)
+  ta, tg = mean_trace_a, mean_trace_g
   ok = (ta > 0) & (tg > 0) & jnp.isfinite(ta) & jnp.isfinite(tg)
   pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / jnp.where(ok, tg, 1), 1)), 1)
   # Bound pi so that neither factor's damping vanishes in its precision.
   pi = jnp.clip(pi, 1e-4, 1e4)
+  return pi * root, root / pi
+
+
+def factored_inverses(f: Factors, damping) -> Inverses:
+  """The factored-damping inverses (the formula in the module docstring)."""
+  dtype = f.a.dtype
+  shift_a, shift_g = factored_shifts(_mean_trace(f.a), _mean_trace(f.g), damping, dtype)
 
   def inverse(x, shift):
     inv = jnp.linalg.inv(x + shift * jnp.eye(x.shape[0], dtype=dtype))
     return 0.5 * (inv + inv.T)
 
-  return Inverses(inverse(f.a, pi * root), inverse(f.g, root / pi))
+  return Inverses(inverse(f.a, shift_a), inverse(f.g, shift_g))
 
 
 def prepare(curvature: FactorCurvature, damping) -> PreconditionedData:

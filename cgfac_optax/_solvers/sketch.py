@@ -54,6 +54,7 @@ import jax.numpy as jnp
 
 from cgfac_optax._layers import CurvatureRows, LayerShape
 from cgfac_optax._solvers._base import Solver, matmul
+from cgfac_optax._solvers.pcg import factored_shifts
 
 DEFAULT_RANK = 64
 
@@ -143,14 +144,9 @@ def dense(s: Sketch) -> jax.Array:
 
 
 def prepare(memory: SketchMemory, damping) -> SketchData:
-  dtype = memory.a.q.dtype
-  root = jnp.sqrt(jnp.asarray(damping, dtype))
   ta = memory.a.trace / memory.a.q.shape[0]
   tg = memory.g.trace / memory.g.q.shape[0]
-  ok = (ta > 0) & (tg > 0) & jnp.isfinite(ta) & jnp.isfinite(tg)
-  pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, ta / jnp.where(ok, tg, 1), 1)), 1)
-  pi = jnp.clip(pi, 1e-4, 1e4)  # as "kfac_inverse": neither factor's damping may vanish
-  return SketchData(memory.a, memory.g, pi * root, root / pi)
+  return SketchData(memory.a, memory.g, *factored_shifts(ta, tg, damping, memory.a.q.dtype))
 
 
 def _inverse_coefficients(s: Sketch, shift) -> tuple[jax.Array, jax.Array]:
