@@ -28,7 +28,7 @@ stride-1 conv is a dense layer applied at every pixel.
 
 from __future__ import annotations
 
-import math
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,31 +123,44 @@ def conv_patches(
     raise ValueError(
       f"inputs have {c_in} channels but kernel_shape {kernel_shape} expects {kernel_shape[in_dim]}"
     )
-  spatial_positions = sorted(dn.rhs_spec[2:])  # the kernel's spatial dims, in memory order
-  filter_shape = tuple(kernel_shape[i] for i in spatial_positions)
-  patches = lax.conv_general_dilated_patches(
-    inputs,
-    filter_shape,
-    window_strides=tuple(window_strides) if window_strides is not None else (1,) * n,
-    padding=padding,
-    lhs_dilation=lhs_dilation,
-    rhs_dilation=rhs_dilation,
-    dimension_numbers=dn,
-    # The identity kernel is exact in any precision, but the inputs would be
-    # rounded (to TF32 or bfloat16 passes on accelerators) without HIGHEST.
-    precision=lax.Precision.HIGHEST,
-  )
-  # Batch first, features last; the spatial dims keep the output layout's order.
-  patches = jnp.moveaxis(patches, (dn.out_spec[0], dn.out_spec[1]), (0, -1))
-  # lax orders each patch channel-major, (c_in, *spatial in memory order);
-  # reorder to the kernel's own order of its non-output dimensions.
-  lead = patches.shape[:-1]
-  patches = patches.reshape(*lead, c_in, *filter_shape)
-  axis_of = {in_dim: 0} | {p: 1 + r for r, p in enumerate(spatial_positions)}
-  order = [axis_of[d] for d in range(len(kernel_shape) - 1)]
-  k = len(lead)
-  patches = jnp.transpose(patches, (*range(k), *(k + o for o in order)))
-  return patches.reshape(*lead, c_in * math.prod(filter_shape))
+  n_sp = len(kernel_shape) - 2
+  # Logical spatial dim k lives at lhs_spec[2 + k] (input), rhs_spec[2 + k] (kernel) and
+  # out_spec[2 + k] (output); strides, padding and dilations are given in that logical order.
+  window = [kernel_shape[dn.rhs_spec[2 + k]] for k in range(n_sp)]
+  strides = tuple(window_strides) if window_strides is not None else (1,) * n_sp
+  lhs_dil = tuple(lhs_dilation) if lhs_dilation is not None else (1,) * n_sp
+  rhs_dil = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * n_sp
+  extent = [(w - 1) * d + 1 for w, d in zip(window, rhs_dil)]
+  x = jnp.transpose(inputs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:-1], extent, strides, padding)
+  # Input dilation is interior padding; padding may be negative (a crop), as in lax.
+  config = [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dil)), (0, 0, 0)]
+  x = lax.pad(x, jnp.zeros((), x.dtype), config)
+  out = [(size - e) // st + 1 for size, e, st in zip(x.shape[1:-1], extent, strides)]
+  if min(out) < 1:
+    raise ValueError(
+      f"the window {tuple(window)} (dilation {rhs_dil}) does not fit the padded input "
+      f"{x.shape[1:-1]}: no output positions"
+    )
+  # One strided slice per window offset: a gather-free im2col, (B, *out, prod(window), C).
+  # (lax.conv_general_dilated_patches is an identity-kernel convolution whose backward pass
+  # is an order of magnitude slower than these slices' on CPU.)
+  slices = []
+  for offset in itertools.product(*(range(w) for w in window)):
+    begin = [0, *(o * d for o, d in zip(offset, rhs_dil)), 0]
+    limit = [x.shape[0], *(b + (o - 1) * st + 1 for b, o, st in zip(begin[1:], out, strides))]
+    slices.append(lax.slice(x, begin, [*limit, x.shape[-1]], (1, *strides, 1)))
+  patches = jnp.stack(slices, axis=-2).reshape(x.shape[0], *out, *window, x.shape[-1])
+  # Features in the kernel's order of its non-output dims; output spatial dims in the output
+  # layout's order.
+  feature_axis = {dn.rhs_spec[1]: 1 + 2 * n_sp} | {
+    dn.rhs_spec[2 + k]: 1 + n_sp + k for k in range(n_sp)
+  }
+  spatial_order = sorted(range(n_sp), key=lambda k: dn.out_spec[2 + k])
+  perm = (0, *(1 + k for k in spatial_order), *(feature_axis[d] for d in range(n_sp + 1)))
+  patches = jnp.transpose(patches, perm)
+  return patches.reshape(*patches.shape[: 1 + n_sp], -1)
 
 
 def conv_output_rows(y: jax.Array, dimension_numbers: Any = None) -> jax.Array:

@@ -115,6 +115,51 @@ def test_patches_follow_the_kernel_layout(dimension_numbers, perm_x, perm_k):
   np.testing.assert_allclose(p @ kt.reshape(-1, kt.shape[-1]), y_rows, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+  "x_shape, k_shape, dimension_numbers, kwargs",
+  [
+    # 1-D, input and kernel dilation with a negative (cropping) pad.
+    ((2, 11, 3), (3, 3, 4), ("NWC", "WIO", "NWC"), dict(padding=((2, -1),), lhs_dilation=(2,))),
+    # 3-D, channels first, strides and kernel dilation, SAME.
+    (
+      (2, 3, 6, 5, 7),
+      (2, 3, 2, 3, 4),
+      ("NCDHW", "DHWIO", "NDHWC"),
+      dict(window_strides=(1, 2, 2), padding="SAME", rhs_dilation=(2, 1, 2)),
+    ),
+  ],
+)
+def test_patches_in_1d_and_3d_equal_lax_convolution(x_shape, k_shape, dimension_numbers, kwargs):
+  kx, kk = jax.random.split(jax.random.key(3))
+  x, kernel = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
+  kwargs = {"window_strides": (1,) * (len(k_shape) - 2), **kwargs}
+  y = lax.conv_general_dilated(
+    x, kernel, dimension_numbers=dimension_numbers, precision=lax.Precision.HIGHEST, **kwargs
+  )
+  p = cgfac.conv_patches(x, k_shape, dimension_numbers=dimension_numbers, **kwargs)
+  y_rows = cgfac.conv_output_rows(y, dimension_numbers)
+  assert p.shape[:-1] == y_rows.shape[:-1]
+  np.testing.assert_allclose(p @ kernel.reshape(-1, k_shape[-1]), y_rows, rtol=1e-12, atol=1e-12)
+
+
+def test_patch_gradient_equals_the_convolution_gradient():
+  """The patches' backward pass (the slices' transposes) is the convolution's input gradient."""
+  x, params, targets, _ = _problem("dilation2-stride2-valid")
+  strides, padding, dilation = CONFIGS["dilation2-stride2-valid"]
+  kernel = params["kernel"]
+
+  def by_patches(x):
+    p = cgfac.conv_patches(
+      x, kernel.shape, window_strides=strides, padding=padding, rhs_dilation=dilation
+    )
+    return jnp.sum(jnp.tanh(p @ kernel.reshape(-1, 3)) * targets)
+
+  def by_conv(x):
+    return jnp.sum(jnp.tanh(conv(x, kernel, 0.0, strides, padding, dilation)) * targets)
+
+  np.testing.assert_allclose(jax.grad(by_patches)(x), jax.grad(by_conv)(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_patch_stats_reproduce_per_example_kernel_gradients(config):
   strides, padding, dilation = CONFIGS[config]
