@@ -147,7 +147,12 @@ LOSSES["softmax_ce"] = LOSSES["softmax_cross_entropy"]
 
 
 def mean_loss(layers, loss: str, params, x, y):
-  return jnp.mean(LOSSES[loss].per_example(predict(layers, params, x), y))
+  """The training loss, through :func:`forward`: every optimizer trains the same computation.
+
+  Convolutions as patch rows and a matmul: on CPU its gradient is faster than ``lax.conv``'s
+  (25 against 65 ms for the CNN at batch 512 on the 2-core machine of the README's tables).
+  """
+  return jnp.mean(LOSSES[loss].per_example(forward(layers, params, x)[0], y))
 
 
 def value_grad_and_stats(
@@ -170,6 +175,8 @@ def value_grad_and_stats(
     full = value_grad_and_stats(layers, loss, "empirical")
 
     def subsampled(params, x, y, key):
+      if x.shape[0] <= curvature_rows:  # the whole batch: one forward, two backward passes
+        return value_grad_and_stats(layers, loss, "sampled")(params, x, y, key)
       value, grads, _ = full(params, x, y, key)
       _, _, stats = value_grad_and_stats(layers, loss, "sampled")(
         params, x[:curvature_rows], y[:curvature_rows], key

@@ -395,17 +395,30 @@ def best_loss(run: dict) -> float:
   return min(finite) if finite else math.nan
 
 
-def time_to(run: dict, target: float):
-  """The first evaluation at which the loss is <= ``target``: (seconds, steps), else Nones."""
+def time_to(run: dict, target: float, metric: str = "loss"):
+  """The first evaluation at which ``metric`` reaches ``target``: (seconds, steps), else Nones.
+
+  Reaching is ``<=`` for the loss and ``>=`` for the accuracy.
+  """
   c = run["curve"]
-  for t, s, v in zip(c["time"], c["steps"], c["loss"]):
-    if v <= target:
+  reached = (lambda v: v <= target) if metric == "loss" else (lambda v: v >= target)
+  for t, s, v in zip(c["time"], c["steps"], c[metric]):
+    if reached(v):
       return t, s
   return None, None
 
 
-def summarize(optimizers: dict, budget: float) -> tuple[dict, list[str]]:
-  """Per optimizer: best loss (median over seeds) etc.; per pair: time to the peer's best loss."""
+def best_accuracy(run: dict) -> float:
+  finite = [v for v in run["curve"]["accuracy"] if math.isfinite(v)]
+  return max(finite) if finite else math.nan
+
+
+def summarize(optimizers: dict, budget: float) -> tuple[dict, list[str], list[str]]:
+  """Per optimizer: best loss (median over seeds) etc.; per pair: time to the peer's best.
+
+  Returns the summary, the loss lines and, where the task has an accuracy, the accuracy lines
+  (time to each peer's best test accuracy, the median over seeds of each seed's best).
+  """
   summary = {}
   for name, o in optimizers.items():
     runs = o["runs"]
@@ -423,17 +436,28 @@ def summarize(optimizers: dict, budget: float) -> tuple[dict, list[str]]:
     }
     if "accuracy" in runs[0]["curve"]:
       s["final_accuracy_median"] = C.median([r["curve"]["accuracy"][-1] for r in runs])
+      accs = [best_accuracy(r) for r in runs]
+      s["best_accuracy_median"] = C.median(accs)
+      s["best_accuracy_min"], s["best_accuracy_max"] = min(accs), max(accs)
     summary[name] = s
+  lines = _reaches(optimizers, summary, budget, "loss")
+  accuracy = all("best_accuracy_median" in s for s in summary.values()) and bool(summary)
+  accuracy_lines = _reaches(optimizers, summary, budget, "accuracy") if accuracy else []
+  return summary, lines, accuracy_lines
+
+
+def _reaches(optimizers: dict, summary: dict, budget: float, metric: str) -> list[str]:
+  """``summary[name]["reaches"]`` (loss) or ``["reaches_accuracy"]``: time to each peer's best."""
   lines = []
   for name, o in optimizers.items():
     reach = {}
     for peer in optimizers:
       if peer == name:
         continue
-      target = summary[peer]["best_loss_median"]
+      target = summary[peer][f"best_{metric}_median"]
       per_seed = []
       for r in o["runs"]:
-        t, steps = time_to(r, target) if math.isfinite(target) else (None, None)
+        t, steps = time_to(r, target, metric) if math.isfinite(target) else (None, None)
         per_seed.append(
           {
             "seed": r["seed"],
@@ -456,12 +480,13 @@ def summarize(optimizers: dict, budget: float) -> tuple[dict, list[str]]:
       }
       n = len(per_seed)
       when = "not reached" if math.isinf(med) else f"at {med:.2f}x the budget, {steps:.0f} steps"
+      what = "loss" if metric == "loss" else "test accuracy"
       lines.append(
-        f"{name} reaches {peer}'s best {budget:g}-s loss ({target:.4g}) {when} "
+        f"{name} reaches {peer}'s best {budget:g}-s {what} ({target:.4g}) {when} "
         f"({reached}/{n} seeds: {', '.join(_ratio(v) for v in ratios)})"
       )
-    summary[name]["reaches"] = reach
-  return summary, lines
+    summary[name]["reaches" if metric == "loss" else "reaches_accuracy"] = reach
+  return lines
 
 
 def table(summary: dict, optimizers: dict, budget: float) -> str:
@@ -493,6 +518,29 @@ def table(summary: dict, optimizers: dict, budget: float) -> str:
       n = len(r["per_seed"])
       ratio = r["budget_ratio_median"]
       row.append(f"{'-' if ratio is None else f'{ratio:.2f}x'} ({r['reached']}/{n})")
+    rows.append(row)
+  return C.format_table(headers, rows)
+
+
+def accuracy_table(summary: dict) -> str:
+  """Best test accuracy per optimizer and the time each needs to reach each peer's."""
+  names = list(summary)
+  headers = ["optimizer", "best test accuracy (median [min, max])"]
+  headers += [f"reaches {p}'s best accuracy at" for p in names]
+  rows = []
+  for name in names:
+    s = summary[name]
+    lo, hi = s["best_accuracy_min"], s["best_accuracy_max"]
+    row = [name, f"{s['best_accuracy_median']:.4f} [{lo:.4f}, {hi:.4f}]"]
+    for peer in names:
+      if peer == name:
+        row.append("")
+        continue
+      r = s["reaches_accuracy"][peer]
+      ratio = r["budget_ratio_median"]
+      row.append(
+        f"{'-' if ratio is None else f'{ratio:.2f}x'} ({r['reached']}/{len(r['per_seed'])})"
+      )
     rows.append(row)
   return C.format_table(headers, rows)
 
@@ -602,7 +650,8 @@ def run_task(task_name: str, args, kfac_python) -> dict:
       if name != "kfac_jax" or args.require_kfac:
         raise
       print(f"kfac_jax FAILED (skipped): {err}", flush=True)
-  summary, lines = summarize(optimizers, args.budget)
+  summary, lines, accuracy_lines = summarize(optimizers, args.budget)
+  accuracy = bool(accuracy_lines)
   return {
     "model": {"loss": task.loss, "layers": C.layer_specs(task.layers)},
     "data": {"train": len(task.x), "eval": len(task.x_eval), "batch_size": task.batch_size},
@@ -610,6 +659,8 @@ def run_task(task_name: str, args, kfac_python) -> dict:
     "summary": summary,
     "pairs": lines,
     "table": table(summary, optimizers, args.budget),
+    "accuracy_pairs": accuracy_lines,
+    "accuracy_table": accuracy_table(summary) if accuracy else None,
   }
 
 
@@ -665,6 +716,9 @@ def main(argv=None):
     print(f"\n### {task}: {args.budget:g} s per run, {args.seeds} seed(s), settings {tuned}\n")
     print(res["table"] + "\n")
     print("\n".join(res["pairs"]))
+    if res["accuracy_table"]:
+      print("\n" + res["accuracy_table"] + "\n")
+      print("\n".join(res["accuracy_pairs"]))
   print(f"\nload average: start {_loads(load_start)}, end {_loads(info['load_average_end'])}")
   payload = {
     "environment": info,

@@ -109,6 +109,12 @@ def test_time_to_target_tiny(tmp_path):
       _check_run(run, budget)
       if model == "cnn":
         assert all(0.0 <= a <= 1.0 for a in run["curve"]["accuracy"])
+        assert t["summary"][name]["best_accuracy_median"] == max(run["curve"]["accuracy"])
+        for peer, r in t["summary"][name]["reaches_accuracy"].items():
+          target = t["summary"][peer]["best_accuracy_median"]
+          (seed,) = r["per_seed"]
+          hits = [s for s, a in zip(run["curve"]["steps"], run["curve"]["accuracy"]) if a >= target]
+          assert r["target"] == target and seed["steps"] == (hits[0] if hits else None)
       s = t["summary"][name]
       assert s["best_loss_median"] == pytest.approx(min(run["curve"]["loss"]))
       assert s["step_ms_mean"] > 0 and s["steps_median"] == run["steps"]
@@ -123,6 +129,9 @@ def test_time_to_target_tiny(tmp_path):
           assert r["budget_ratio_median"] == seed["budget_ratio"] == seed["time_s"] / budget
           assert 0 < seed["budget_ratio"] <= run["wall_s"] / budget
     assert len(t["pairs"]) == len(expected) * (len(expected) - 1)
+    cnn = model == "cnn"
+    assert len(t["accuracy_pairs"]) == (len(t["pairs"]) if cnn else 0)
+    assert (t["accuracy_table"] is not None) == cnn
     assert t["table"].count("\n") == len(expected) + 1
 
 
