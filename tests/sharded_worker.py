@@ -4,6 +4,7 @@ Started by the tests in a fresh process with ``XLA_FLAGS=--xla_force_host_platfo
 (the rest of the suite runs on one device). Prints one JSON object on its last line.
 
   python tests/sharded_worker.py updates cg linen_mlp,linen_cnn  # sharded vs 1-device steps
+  python tests/sharded_worker.py updates eigh linen_mlp fsdp,dp_explicit  # those layouts only
   python tests/sharded_worker.py collectives  # collectives in the compiled demo-sized step
 """
 
@@ -139,7 +140,7 @@ def _sharded_run(jitted, layout_shardings, params0, state0, batches, ref, handle
   return case
 
 
-def check_updates(solvers, models) -> dict:
+def check_updates(solvers, models, layouts=("dp", "fsdp", "dp_explicit")) -> dict:
   """Two training steps per solver and model on one device and on 8, per layout; how they differ.
 
   Layouts: ``dp`` (batch split, params and state replicated) and ``fsdp`` (params and state
@@ -177,11 +178,13 @@ def check_updates(solvers, models) -> dict:
       ref.append(jax.tree.map(np.asarray, (params, state)))
 
     for name, mesh, layout in (("dp", auto, "dp"), ("fsdp", auto, "fsdp")):
+      if name not in layouts:
+        continue
       jitted, shardings = sharded_step(step, mesh, layout, params0, state0)
       out[f"{model}/{solver}/{name}"] = _sharded_run(
         jitted, shardings, params0, state0, batches, ref, handler
       )
-    if model == models[0]:
+    if model == models[0] and "dp_explicit" in layouts:
       with jax.set_mesh(explicit):
         jitted, shardings = sharded_step(step, explicit, "dp", params0, state0)
         out[f"{model}/{solver}/dp_explicit"] = _sharded_run(
@@ -274,7 +277,8 @@ def main(argv) -> None:
   solvers = argv[2].split(",") if len(argv) > 2 else list(SOLVERS)
   if what == "updates":
     models = argv[3].split(",") if len(argv) > 3 else ["mlp"]
-    result = check_updates(solvers, models)
+    layouts = argv[4].split(",") if len(argv) > 4 else ("dp", "fsdp", "dp_explicit")
+    result = check_updates(solvers, models, layouts)
   elif what == "adaptive":
     result = check_adaptive()
   elif what == "collectives":

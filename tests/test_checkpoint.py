@@ -37,9 +37,6 @@ def _run(mode: str, out: Path) -> None:
   env["JAX_COMPILATION_CACHE_DIR"] = str(out / "jax_cache")
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  # XLA's cheapest CPU code generation compiles faster; both processes run the same code.
-  fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {fast}".strip()
   proc = subprocess.run(
     [sys.executable, str(WORKER), mode, str(out)],
     capture_output=True,

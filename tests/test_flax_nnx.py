@@ -244,9 +244,11 @@ def test_attention_linear_general_and_dense_einsum_are_captured(x64):
     # The kernel (in axes..., out axes...) as (d_in, d_out), per example.
     want = p["kernel"][...].reshape(b, d_in, d_out)
     # Query and key reach the loss through the attention's softmax, whose per-example and
-    # batched evaluations agree to about 1e-8 only; the other layers agree to rounding.
-    np.testing.assert_allclose(jnp.einsum("bti,bto->bio", a, g), want, rtol=1e-4, atol=1e-8)
-    np.testing.assert_allclose(g.sum(1), p["bias"][...].reshape(b, d_out), rtol=1e-4, atol=1e-8)
+    # batched evaluations agree to about 1e-8 only (the key bias's gradient is zero in exact
+    # arithmetic, the softmax being shift-invariant, so both give noise of that size, which
+    # depends on XLA's code generation); the other layers agree to rounding.
+    np.testing.assert_allclose(jnp.einsum("bti,bto->bio", a, g), want, rtol=1e-4, atol=5e-8)
+    np.testing.assert_allclose(g.sum(1), p["bias"][...].reshape(b, d_out), rtol=1e-4, atol=5e-8)
   # Out of the heads: the contracted (heads, head_dim) axes become one input axis of width 4.
   assert stats["attention"]["out"].inputs.shape == (b, 5, 4)
   assert stats["proj"].output_grads.shape == (b, 5, 6)
