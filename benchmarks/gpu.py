@@ -85,7 +85,7 @@ def main(argv=None):
       f"autoencoder-{dataset}",
       # kfac-jax's venv has CPU JAX only: on an accelerator it would not be a like comparison.
       "--optimizers",
-      # --tiny: the wiring only (CG-FAC's tiny autoencoder run has its own test).
+      # --tiny: the wiring only (CG-FAC's tiny run is in time_to_target's own test, on the CNN).
       *(["adam"] if args.tiny else ["adam", "muon", "cgfac"]),
       "--budget",
       str(args.budget),
