@@ -140,7 +140,10 @@ def _sharded_run(jitted, layout_shardings, params0, state0, batches, ref, handle
   return case
 
 
-def check_updates(solvers, models, layouts=("dp", "fsdp", "dp_explicit")) -> dict:
+LAYOUTS = ("dp", "fsdp", "dp_explicit")
+
+
+def check_updates(solvers, models, layouts=LAYOUTS) -> dict:
   """Two training steps per solver and model on one device and on 8, per layout; how they differ.
 
   Layouts: ``dp`` (batch split, params and state replicated) and ``fsdp`` (params and state
@@ -277,7 +280,7 @@ def main(argv) -> None:
   solvers = argv[2].split(",") if len(argv) > 2 else list(SOLVERS)
   if what == "updates":
     models = argv[3].split(",") if len(argv) > 3 else ["mlp"]
-    layouts = argv[4].split(",") if len(argv) > 4 else ("dp", "fsdp", "dp_explicit")
+    layouts = argv[4].split(",") if len(argv) > 4 else LAYOUTS
     result = check_updates(solvers, models, layouts)
   elif what == "adaptive":
     result = check_adaptive()
