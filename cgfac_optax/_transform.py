@@ -340,6 +340,7 @@ class _Step(NamedTuple):
   coefficients: Any  # the state's coefficients after this step
   predicted: jax.Array | None  # the quadratic model's change along the probed step
   probe: Any  # () -> params at the probed step
+  shortened: jax.Array | bool = False  # the step was cut to the loss's bound (raise the damping)
 
 
 def _fixed_rate_prediction(systems, solutions, learning_rate, clip, damping) -> jax.Array:
@@ -367,14 +368,21 @@ def _probe(params, updates, moved: set[int], learning_rate, treedef):
 
 
 def _next_damping(damping, state, gamma, step: _Step, value, value_fn, treedef) -> jax.Array:
-  """A schedule's value (the last good one if not finite), or the adapted damping."""
+  """A schedule's value (the last good one if not finite), or the adapted damping.
+
+  Adaptive damping is also raised, by one adaptation's factor, on any step the
+  quadratic model's step had to be shortened (:func:`_bounded_by_loss`): the
+  model was trusted too far.
+  """
   current = jnp.asarray(gamma, jnp.float32)
   current = jnp.where(jnp.isfinite(current), current, state.control.damping)
   if not isinstance(damping, AdaptiveDamping) or step.probe is None:
     return current
-  return _control.adapted_damping(
+  adapted = _control.adapted_damping(
     damping, state.count, current, value, value_fn, step.probe, step.predicted
   )
+  raised = jnp.clip(current / damping.factor, damping.minimum, damping.maximum)
+  return jnp.where(step.shortened, jnp.maximum(adapted, raised), adapted)
 
 
 def _layer_records(state, layers, solutions, written):
@@ -398,11 +406,40 @@ def _check_curvature_model(params, curvature_model) -> None:
     )
 
 
-def _quadratic_step(out, grads, previous, params, model, gamma, treedef) -> _Step:
+def _bounded_by_loss(x, undamped, b, value) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(t x, M(t x), shortened)``: the coefficients cut so the model never predicts a negative loss.
+
+  The losses of the table are never negative, so no step can lower the loss by
+  more than its value ``L``. Where the undamped model ``M(x) = 1/2 x^T U x + b^T
+  x`` predicts more (``M(x) < -L``: a nearly singular 2x2 system, or damping so
+  small that a flat direction looks free), the step is shortened along itself
+  to the first point where ``M(t x) = -L``, the smaller root ``t`` of ``q t^2 +
+  p t + L = 0`` with ``p = b^T x < 0`` and ``q = 1/2 x^T U x >= 0``, in the
+  form that stays exact when ``q = 0``: ``t = 2 L / (-p + sqrt(p^2 - 4 q L))``.
+  With no ``value``, or one that is not finite and positive, nothing changes.
+  """
+  predicted = 0.5 * x @ undamped @ x + b @ x
+  if value is None:
+    return x, predicted, jnp.asarray(False)
+  bound = jnp.asarray(value, predicted.dtype)
+  valid = jnp.isfinite(bound) & (bound > 0)
+  shortened = valid & (predicted < -bound)
+  p = b @ x
+  q = 0.5 * x @ undamped @ x
+  root = jnp.sqrt(jnp.maximum(jnp.square(p) - 4 * q * bound, 0))
+  t = jnp.where(shortened, 2 * bound / jnp.where(shortened, root - p, 1), 1)
+  t = jnp.clip(t, 0, 1)
+  x = t * x
+  return x, 0.5 * x @ undamped @ x + b @ x, shortened
+
+
+def _quadratic_step(out, grads, previous, params, model, gamma, treedef, value=None) -> _Step:
   """``-delta`` by leaf, ``(alpha, mu)``, the undamped model's change at ``delta``, the probe.
 
   ``D = -out`` is the preconditioned direction (every parameter, fallback
-  included). A non-finite ``D`` or gradient makes the whole step zero.
+  included). A non-finite ``D`` or gradient makes the whole step zero. With
+  the loss ``value`` the step never goes where the model predicts a negative
+  loss (:func:`_bounded_by_loss`).
   """
   previous = treedef.flatten_up_to(previous)
   direction = [-u for u in out]
@@ -422,12 +459,12 @@ def _quadratic_step(out, grads, previous, params, model, gamma, treedef) -> _Ste
   damped = undamped + jnp.asarray(gamma, dtype) * norms
   x, _ = _quadratic.step_coefficients(damped, b)
   x = jnp.where(finite, x, 0)
-  predicted = 0.5 * x @ undamped @ x + b @ x
+  x, predicted, shortened = _bounded_by_loss(x, undamped, b, value)
   delta = [(x[0] * d + x[1] * p).astype(u.dtype) for d, p, u in zip(direction, previous, out)]
   param_leaves = treedef.flatten_up_to(params)
   probe = lambda: treedef.unflatten([(p + d).astype(p.dtype) for p, d in zip(param_leaves, delta)])
   out = [-d for d in delta]
-  return _Step(out, treedef.unflatten(delta), x.astype(jnp.float32), predicted, probe)
+  return _Step(out, treedef.unflatten(delta), x.astype(jnp.float32), predicted, probe, shortened)
 
 
 def _init_memory(params, solver, requested: bool, sketch_rank: int) -> dict[str, Any]:
@@ -624,7 +661,11 @@ def scale_by_cgfac(
       learning rate or momentum after it (:func:`cgfac` does this when its
       ``learning_rate`` is ``None``). ``update`` then also needs
       ``curvature_model=`` (:class:`CurvatureModel`), and ``learning_rate``
-      and ``kl_clip`` must be ``None``.
+      and ``kl_clip`` must be ``None``. Given ``value=`` (the loss on the
+      batch, which adaptive damping needs anyway), a step along which the
+      undamped model predicts a decrease larger than the loss itself (a
+      negative loss) is shortened to where the model predicts exactly zero
+      loss, and adaptive damping is raised by one adaptation's factor.
     precision: the matmul precision of the curvature products and solves:
       ``"highest"``, ``"high"`` or ``"default"`` (``jax.lax.Precision``), or
       ``None`` for the platform's default at trace time (``"highest"`` on CPU,
@@ -783,7 +824,7 @@ def scale_by_cgfac(
     step = _Step(out, state.previous_update, state.coefficients, None, None)
     if adaptive_step:
       previous = state.previous_update
-      step = _quadratic_step(out, grads, previous, params, curvature_model, gamma, treedef)
+      step = _quadratic_step(out, grads, previous, params, curvature_model, gamma, treedef, value)
     elif adaptive and layers:
       step = step._replace(
         predicted=_fixed_rate_prediction(systems, solutions, lr, clip, state.control.damping),

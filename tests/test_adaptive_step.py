@@ -144,6 +144,91 @@ def test_levenberg_marquardt_damping_reads_the_models_prediction():
   np.testing.assert_allclose(float(state[0].control.damping), expected, rtol=1e-6)
 
 
+def _shortened_first_step(loss, value, damping):
+  """The first step with ``value=`` and the dense oracle's unbounded step and model."""
+  params, x, y = problem(loss)
+  tx = cgfac.cgfac(None, damping, solver="eigh", curvature_decay=0.0)
+  grads, stats = grads_and_stats(loss, params, x, y)
+  model = cgfac.CurvatureModel(lambda q: forward(q, x)[0], loss)
+  mean_loss = lambda p: jnp.mean(per_example_loss(loss, forward(p, x)[0], y))
+  updates, state = tx.update(
+    grads,
+    tx.init(params),
+    params,
+    layer_stats=stats,
+    curvature_model=model,
+    value=value(mean_loss(params)),
+    value_fn=mean_loss,
+  )
+  delta, coefficients = oracle_step(loss, params, x, y, np.zeros(ravel_pytree(params)[0].size))
+  fisher = explicit_fisher(loss, params, x)
+  g = np.asarray(ravel_pytree(grads)[0], np.float64)
+  return updates, state, delta, coefficients, fisher, g
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("loss", ["squared_error", "softmax_cross_entropy"])
+def test_a_step_the_model_says_would_make_the_loss_negative_is_cut_to_the_bound(loss):
+  # The bound is the loss value passed; a quarter of the model's predicted decrease makes the
+  # oracle's step four times too long for it.
+  params, x, y = problem(loss)
+  delta, _ = oracle_step(loss, params, x, y, np.zeros(ravel_pytree(params)[0].size))
+  grads, _ = grads_and_stats(loss, params, x, y)
+  g = np.asarray(ravel_pytree(grads)[0], np.float64)
+  fisher = explicit_fisher(loss, params, x)
+  model_change = lambda d: 0.5 * d @ fisher @ d + g @ d
+  bound = -model_change(delta) / 4
+  updates, state, delta, coefficients, fisher, g = _shortened_first_step(
+    loss, lambda _: bound, GAMMA
+  )
+  # The smaller root of M(t delta) = -bound, from the explicit Fisher.
+  q, p = 0.5 * delta @ fisher @ delta, g @ delta
+  t = (-p - np.sqrt(p * p - 4 * q * bound)) / (2 * q)
+  assert 0 < t < 1
+  got = np.asarray(ravel_pytree(updates)[0])
+  np.testing.assert_allclose(got, t * delta, rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(model_change(got), -bound, rtol=1e-6)
+  np.testing.assert_allclose(state[0].coefficients, t * coefficients, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("value", [lambda v: v, lambda v: jnp.nan, lambda v: -1.0, lambda v: 0.0])
+def test_a_step_inside_the_bound_or_without_a_usable_value_is_the_models_own(value):
+  updates, state, delta, coefficients, _, _ = _shortened_first_step(
+    "softmax_cross_entropy", value, GAMMA
+  )
+  np.testing.assert_allclose(np.asarray(ravel_pytree(updates)[0]), delta, rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(state[0].coefficients, coefficients, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("x64")
+def test_a_shortened_step_raises_the_adaptive_damping_between_adaptations():
+  # interval=2: the first step adapts the damping from its probe, the second does not, so the
+  # second step's damping changes only by the raise a shortened step asks for.
+  loss = "squared_error"
+  params, x, y = problem(loss)
+  options = cgfac.AdaptiveDamping(initial=GAMMA, interval=2)
+  tx = cgfac.cgfac(None, options, solver="eigh", curvature_decay=0.0)
+  model = cgfac.CurvatureModel(lambda q: forward(q, x)[0], loss)
+  mean_loss = lambda p: jnp.mean(per_example_loss(loss, forward(p, x)[0], y))
+  state = tx.init(params)
+  dampings = []
+  for value in (mean_loss, lambda p: 1e-9):
+    grads, stats = grads_and_stats(loss, params, x, y)
+    updates, state = tx.update(
+      grads,
+      state,
+      params,
+      layer_stats=stats,
+      curvature_model=model,
+      value=value(params),
+      value_fn=mean_loss,
+    )
+    params = optax.apply_updates(params, updates)
+    dampings.append(float(state[0].control.damping))
+  np.testing.assert_allclose(dampings[1], dampings[0] / options.factor, rtol=1e-6)
+
+
 def test_a_non_finite_gradient_gives_a_zero_step_and_a_finite_state():
   loss = "squared_error"
   params, x, y = problem(loss)
