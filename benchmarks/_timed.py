@@ -65,7 +65,9 @@ def train_for(
   Only the steps are on the clock (each ends by reading its loss back, so the
   device has finished); drawing batches and ``evaluate(carry)`` (a dict with at
   least ``"loss"``, at the times of :func:`eval_schedule`) are not. Stops early
-  at ``max_steps`` or a non-finite loss.
+  at ``max_steps``, or as diverged at a non-finite training loss or an evaluated
+  loss that is not finite or above the one at step 0 (worse than the
+  initialization: a run stuck at a huge finite loss is not counted as training).
 
   Returns:
     ``{"curve": {"time": [...], "steps": [...], <evaluate's keys>: [...]}, "steps",
@@ -80,7 +82,8 @@ def train_for(
     curve["steps"].append(steps)
     for k, v in values.items():
       curve.setdefault(k, []).append(float(v))
-    return math.isfinite(values["loss"])
+    loss = float(values["loss"])
+    return math.isfinite(loss) and loss <= curve["loss"][0]
 
   pending = eval_schedule(budget_s, evals)
   record(0.0, 0)

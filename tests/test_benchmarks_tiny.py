@@ -73,6 +73,22 @@ def test_step_cost_tiny(tmp_path):
   assert "### Training step" in res["tables"][0]
 
 
+@pytest.mark.parametrize(
+  "losses, diverged",
+  [([3.0, 2.0, 1.0], False), ([3.0, 2.0, float("nan")], True), ([3.0, 2.0, 5e31], True)],
+)
+def test_train_for_stops_a_run_whose_loss_is_not_finite_or_above_its_start(losses, diverged):
+  from _timed import train_for
+
+  # Each step moves the model to the next loss; the evaluation reads it. With a budget far off,
+  # the run is evaluated at step 0 and after its last step.
+  step = lambda carry, batch, i: (carry + 1, jnp.float32(0.0))
+  evaluate = lambda carry: {"loss": losses[carry]}
+  out = train_for(step, 0, iter(range(100)), evaluate, 1e9, 1, max_steps=len(losses) - 1)
+  assert out["diverged"] is diverged
+  assert out["curve"]["loss"] == pytest.approx([losses[0], losses[-1]], nan_ok=True)
+
+
 def _check_run(run: dict, budget: float):
   c = run["curve"]
   assert run["steps"] > 0 and not run["diverged"]
