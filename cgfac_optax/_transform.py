@@ -340,7 +340,7 @@ class _Step(NamedTuple):
   coefficients: Any  # the state's coefficients after this step
   predicted: jax.Array | None  # the quadratic model's change along the probed step
   probe: Any  # () -> params at the probed step
-  shortened: jax.Array | bool = False  # the step was cut to the loss's bound (raise the damping)
+  shortened: jax.Array | bool = False  # the step was cut to its bound (raise the damping)
 
 
 def _fixed_rate_prediction(systems, solutions, learning_rate, clip, damping) -> jax.Array:
@@ -406,22 +406,30 @@ def _check_curvature_model(params, curvature_model) -> None:
     )
 
 
+# The largest share of the loss one step may be predicted to remove (see _bounded_by_loss).
+MAX_PREDICTED_DECREASE = 0.5
+
+
 def _bounded_by_loss(x, undamped, b, value) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(t x, M(t x), shortened)``: the coefficients cut so the model never predicts a negative loss.
+  """``(t x, M(t x), shortened)``: the coefficients cut to a predicted decrease of half the loss.
 
   The losses of the table are never negative, so no step can lower the loss by
-  more than its value ``L``. Where the undamped model ``M(x) = 1/2 x^T U x + b^T
-  x`` predicts more (``M(x) < -L``: a nearly singular 2x2 system, or damping so
-  small that a flat direction looks free), the step is shortened along itself
-  to the first point where ``M(t x) = -L``, the smaller root ``t`` of ``q t^2 +
-  p t + L = 0`` with ``p = b^T x < 0`` and ``q = 1/2 x^T U x >= 0``, in the
-  form that stays exact when ``q = 0``: ``t = 2 L / (-p + sqrt(p^2 - 4 q L))``.
-  With no ``value``, or one that is not finite and positive, nothing changes.
+  more than its value ``L``, and a quadratic model that predicts a large share
+  of that from one step is extrapolating: one batch's exact model with a small
+  damping fits that batch (on a classifier, cutting its loss while the test
+  loss rises), or a nearly singular 2x2 system picks huge coefficients. Where
+  the undamped model ``M(x) = 1/2 x^T U x + b^T x`` predicts more than
+  ``L_max = MAX_PREDICTED_DECREASE * L`` (one half), the step is shortened
+  along itself to the first point where ``M(t x) = -L_max``, the smaller root
+  ``t`` of ``q t^2 + p t + L_max = 0`` with ``p = b^T x < 0`` and ``q = 1/2
+  x^T U x >= 0``, in the form that stays exact when ``q = 0``: ``t = 2 L_max /
+  (-p + sqrt(p^2 - 4 q L_max))``. With no ``value``, or one that is not finite
+  and positive, nothing changes.
   """
   predicted = 0.5 * x @ undamped @ x + b @ x
   if value is None:
     return x, predicted, jnp.asarray(False)
-  bound = jnp.asarray(value, predicted.dtype)
+  bound = MAX_PREDICTED_DECREASE * jnp.asarray(value, predicted.dtype)
   valid = jnp.isfinite(bound) & (bound > 0)
   shortened = valid & (predicted < -bound)
   p = b @ x
@@ -438,8 +446,8 @@ def _quadratic_step(out, grads, previous, params, model, gamma, treedef, value=N
 
   ``D = -out`` is the preconditioned direction (every parameter, fallback
   included). A non-finite ``D`` or gradient makes the whole step zero. With
-  the loss ``value`` the step never goes where the model predicts a negative
-  loss (:func:`_bounded_by_loss`).
+  the loss ``value`` the step is never predicted to remove more than half of
+  it (:func:`_bounded_by_loss`).
   """
   previous = treedef.flatten_up_to(previous)
   direction = [-u for u in out]
@@ -663,9 +671,9 @@ def scale_by_cgfac(
       ``curvature_model=`` (:class:`CurvatureModel`), and ``learning_rate``
       and ``kl_clip`` must be ``None``. Given ``value=`` (the loss on the
       batch, which adaptive damping needs anyway), a step along which the
-      undamped model predicts a decrease larger than the loss itself (a
-      negative loss) is shortened to where the model predicts exactly zero
-      loss, and adaptive damping is raised by one adaptation's factor.
+      undamped model predicts a decrease of more than half the loss is
+      shortened to where it predicts exactly half, and adaptive damping is
+      raised by one adaptation's factor on that step.
     precision: the matmul precision of the curvature products and solves:
       ``"highest"``, ``"high"`` or ``"default"`` (``jax.lax.Precision``), or
       ``None`` for the platform's default at trace time (``"highest"`` on CPU,
