@@ -73,9 +73,9 @@ def cgfac(
     learning rate). The chain is ``optax.chain(scale_by_cgfac(...,
     adaptive_step=True), optax.scale(-1))``. Defaults (the settings the
     time-to-target benchmark found fastest on its autoencoder):
-    ``damping=AdaptiveDamping(initial=0.1, minimum=1e-5)`` (too low a floor
-    for a classifier's mean loss: the benchmark CNN diverged with it and
-    trained best with ``minimum=1e-2``), ``solver="pcg"`` with ``max_iters=1`` (one warm-started
+    ``damping=AdaptiveDamping(initial=0.1, minimum=1e-5)`` (a low floor
+    for a classifier's mean loss: the benchmark CNN trained best with
+    ``minimum=1e-2``), ``solver="pcg"`` with ``max_iters=1`` (one warm-started
     conjugate-gradient iteration on the averaged factors, preconditioned by
     K-FAC's factored-damping inverses), ``curvature_decay=0.95``,
     ``refresh_every=20``, ``curvature_batch_size=512``.
