@@ -116,35 +116,7 @@ def test_two_steps_match_the_dense_quadratic_model(loss):
   assert abs(float(state[0].coefficients[1])) > 1e-6  # the second step did use momentum
 
 
-@pytest.mark.usefixtures("x64")
-def test_levenberg_marquardt_damping_reads_the_models_prediction():
-  loss = "squared_error"
-  params, x, y = problem(loss)
-  options = cgfac.AdaptiveDamping(initial=GAMMA, interval=1)
-  tx = cgfac.cgfac(None, options, solver="eigh", curvature_decay=0.0)
-  grads, stats = grads_and_stats(loss, params, x, y)
-  mean_loss = lambda p: jnp.mean(per_example_loss(loss, forward(p, x)[0], y))
-  updates, state = tx.update(
-    grads,
-    tx.init(params),
-    params,
-    layer_stats=stats,
-    curvature_model=cgfac.CurvatureModel(lambda q: forward(q, x)[0], loss),
-    value=mean_loss(params),
-    value_fn=mean_loss,
-  )
-  delta, _ = oracle_step(loss, params, x, y, np.zeros(ravel_pytree(params)[0].size))
-  fisher = explicit_fisher(loss, params, x)
-  g = np.asarray(ravel_pytree(grads)[0], np.float64)
-  predicted = 0.5 * delta @ fisher @ delta + g @ delta
-  actual = float(mean_loss(optax.apply_updates(params, updates)) - mean_loss(params))
-  rho = actual / predicted
-  factor = options.decay**options.interval
-  expected = GAMMA / factor if rho < 0.25 else GAMMA * factor if rho > 0.75 else GAMMA
-  np.testing.assert_allclose(float(state[0].control.damping), expected, rtol=1e-6)
-
-
-def _shortened_first_step(loss, value, damping):
+def _first_step(loss, value, damping):
   """The first step with ``value=`` and the dense oracle's unbounded step and model."""
   params, x, y = problem(loss)
   tx = cgfac.cgfac(None, damping, solver="eigh", curvature_decay=0.0)
@@ -167,6 +139,21 @@ def _shortened_first_step(loss, value, damping):
 
 
 @pytest.mark.usefixtures("x64")
+def test_levenberg_marquardt_damping_reads_the_models_prediction():
+  loss = "squared_error"
+  params, x, y = problem(loss)
+  options = cgfac.AdaptiveDamping(initial=GAMMA, interval=1)
+  mean_loss = lambda p: jnp.mean(per_example_loss(loss, forward(p, x)[0], y))
+  updates, state, delta, _, fisher, g = _first_step(loss, lambda v: v, options)
+  predicted = 0.5 * delta @ fisher @ delta + g @ delta
+  actual = float(mean_loss(optax.apply_updates(params, updates)) - mean_loss(params))
+  rho = actual / predicted
+  factor = options.decay**options.interval
+  expected = GAMMA / factor if rho < 0.25 else GAMMA * factor if rho > 0.75 else GAMMA
+  np.testing.assert_allclose(float(state[0].control.damping), expected, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("loss", ["squared_error", "softmax_cross_entropy"])
 def test_a_step_predicted_to_remove_over_half_the_loss_is_cut_to_half(loss):
   # The bound is half the loss value passed; a loss of half the model's predicted decrease makes
@@ -178,9 +165,7 @@ def test_a_step_predicted_to_remove_over_half_the_loss_is_cut_to_half(loss):
   fisher = explicit_fisher(loss, params, x)
   model_change = lambda d: 0.5 * d @ fisher @ d + g @ d
   bound = -model_change(delta) / 4
-  updates, state, delta, coefficients, fisher, g = _shortened_first_step(
-    loss, lambda _: 2 * bound, GAMMA
-  )
+  updates, state, delta, coefficients, fisher, g = _first_step(loss, lambda _: 2 * bound, GAMMA)
   # The smaller root of M(t delta) = -bound, from the explicit Fisher.
   q, p = 0.5 * delta @ fisher @ delta, g @ delta
   t = (-p - np.sqrt(p * p - 4 * q * bound)) / (2 * q)
@@ -196,9 +181,7 @@ def test_a_step_predicted_to_remove_over_half_the_loss_is_cut_to_half(loss):
   "value", [lambda v: 1e3 * v, lambda v: jnp.nan, lambda v: -1.0, lambda v: 0.0]
 )
 def test_a_step_inside_the_bound_or_without_a_usable_value_is_the_models_own(value):
-  updates, state, delta, coefficients, _, _ = _shortened_first_step(
-    "softmax_cross_entropy", value, GAMMA
-  )
+  updates, state, delta, coefficients, _, _ = _first_step("softmax_cross_entropy", value, GAMMA)
   np.testing.assert_allclose(np.asarray(ravel_pytree(updates)[0]), delta, rtol=1e-6, atol=1e-12)
   np.testing.assert_allclose(state[0].coefficients, coefficients, rtol=1e-5)
 
