@@ -65,9 +65,10 @@ def train_for(
   Only the steps are on the clock (each ends by reading its loss back, so the
   device has finished); drawing batches and ``evaluate(carry)`` (a dict with at
   least ``"loss"``, at the times of :func:`eval_schedule`) are not. Stops early
-  at ``max_steps``, or as diverged at a non-finite training loss or an evaluated
-  loss that is not finite or above the one at step 0 (worse than the
-  initialization: a run stuck at a huge finite loss is not counted as training).
+  at ``max_steps``, or as diverged at a non-finite training or evaluated loss. A
+  run whose last evaluated loss is above the one at step 0 also counts as
+  diverged (a run stuck at a huge finite loss is not training), while a rise
+  above the start on the way (the first steps of Adam on an autoencoder) is not.
 
   Returns:
     ``{"curve": {"time": [...], "steps": [...], <evaluate's keys>: [...]}, "steps",
@@ -82,8 +83,7 @@ def train_for(
     curve["steps"].append(steps)
     for k, v in values.items():
       curve.setdefault(k, []).append(float(v))
-    loss = float(values["loss"])
-    return math.isfinite(loss) and loss <= curve["loss"][0]
+    return math.isfinite(float(values["loss"]))
 
   pending = eval_schedule(budget_s, evals)
   record(0.0, 0)
@@ -106,6 +106,8 @@ def train_for(
         break
   if not diverged and curve["steps"][-1] != steps:
     diverged = not record(clock, steps)
+  if not diverged and curve["loss"][-1] > curve["loss"][0]:
+    diverged = True
   return {
     "curve": curve,
     "steps": steps,

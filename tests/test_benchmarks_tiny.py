@@ -74,19 +74,33 @@ def test_step_cost_tiny(tmp_path):
 
 
 @pytest.mark.parametrize(
-  "losses, diverged",
-  [([3.0, 2.0, 1.0], False), ([3.0, 2.0, float("nan")], True), ([3.0, 2.0, 5e31], True)],
+  "losses, diverged, evaluated",
+  [
+    ([3.0, 2.0, 1.0], False, 3),
+    ([3.0, 7.0, 1.0], False, 3),  # above the start on the way, below it at the end
+    ([3.0, 2.0, float("nan")], True, 3),
+    ([3.0, float("nan"), 1.0], True, 2),  # a non-finite evaluation stops the run
+    ([3.0, 2.0, 5e31], True, 3),  # ends above its start
+  ],
 )
-def test_train_for_stops_a_run_whose_loss_is_not_finite_or_above_its_start(losses, diverged):
-  from _timed import train_for
+def test_train_for_marks_a_run_diverged_at_a_non_finite_loss_or_an_end_above_its_start(
+  losses, diverged, evaluated, monkeypatch
+):
+  import itertools
 
-  # Each step moves the model to the next loss; the evaluation reads it. With a budget far off,
-  # the run is evaluated at step 0 and after its last step.
+  import _timed
+
+  # Each step moves the model to the next loss and, on a clock that reads 0, 1, 2, ..., takes 1 s;
+  # with a budget of one second a step and as many evaluations, every step is evaluated.
+  ticks = itertools.count()
+  monkeypatch.setattr(_timed.time, "perf_counter", lambda: float(next(ticks)))
   step = lambda carry, batch, i: (carry + 1, jnp.float32(0.0))
   evaluate = lambda carry: {"loss": losses[carry]}
-  out = train_for(step, 0, iter(range(100)), evaluate, 1e9, 1, max_steps=len(losses) - 1)
+  n = len(losses) - 1
+  out = _timed.train_for(step, 0, iter(range(100)), evaluate, float(n), n, max_steps=100)
   assert out["diverged"] is diverged
-  assert out["curve"]["loss"] == pytest.approx([losses[0], losses[-1]], nan_ok=True)
+  assert out["curve"]["loss"] == pytest.approx(losses[:evaluated], nan_ok=True)
+  assert out["curve"]["steps"] == list(range(evaluated))
 
 
 def _check_run(run: dict, budget: float):
