@@ -72,8 +72,9 @@ def cgfac(
     ``momentum`` and ``kl_clip`` are left unset (they belong to a fixed
     learning rate). The chain is ``optax.chain(scale_by_cgfac(...,
     adaptive_step=True), optax.scale(-1))``. Defaults (the settings the
-    time-to-target benchmark picked on its autoencoder; its latest tuning run
-    preferred ``curvature_batch_size=128``, see the README's "Performance"):
+    time-to-target benchmark picked on its autoencoder; its latest 30-s
+    tuning preferred ``curvature_batch_size=128``, which over 120 s trained
+    no better, see the README's "Performance"):
     ``damping=AdaptiveDamping(initial=0.1, minimum=1e-5)`` (a low floor
     for a classifier's mean loss: the benchmark CNN trained best with
     ``minimum=1e-2``), ``solver="pcg"`` with ``max_iters=1`` (one warm-started
