@@ -113,7 +113,7 @@ GRIDS = {
     "*": [{}, {"max_iters": 2}, {"curvature_batch_size": 128}],
     "cnn": [{}, *({"damping": {"initial": 0.1, "minimum": m}} for m in (1e-2, 0.1))],
   },
-  "cgfac_direct": {"*": [{}, {"curvature_batch_size": 512}, {"refresh_every": 5}]},
+  "cgfac_direct": {"*": [{}, {"curvature_batch_size": 128}, {"refresh_every": 5}]},
   "cgfac_sketch": {"*": [{}, {"sketch_rank": 128}, {"curvature_batch_size": 512}]},
 }
 

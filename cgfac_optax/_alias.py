@@ -28,7 +28,7 @@ FIXED_RATE_DEFAULTS = {
   "curvature_batch_size": None,
 }
 ADAPTIVE_DEFAULTS = {
-  "damping": AdaptiveDamping(initial=0.1, minimum=1e-5),
+  "damping": AdaptiveDamping(initial=1e-2, minimum=1e-5),
   "solver": "pcg",
   "max_iters": 1,
   "curvature_decay": 0.95,
@@ -75,7 +75,7 @@ def cgfac(
     time-to-target benchmark picked on its autoencoder; its latest 30-s
     tuning preferred ``curvature_batch_size=128``, which over 120 s trained
     no better, see the README's "Performance"):
-    ``damping=AdaptiveDamping(initial=0.1, minimum=1e-5)`` (a low floor
+    ``damping=AdaptiveDamping(initial=1e-2, minimum=1e-5)`` (a low floor
     for a classifier's mean loss: the benchmark CNN trained best with
     ``minimum=1e-2``), ``solver="pcg"`` with ``max_iters=1`` (one warm-started
     conjugate-gradient iteration on the averaged factors, preconditioned by

@@ -356,7 +356,7 @@ def test_each_mode_has_its_defaults():
   adaptive = cgfac.cgfac().init(params)[0]
   memory = adaptive.curvature["dense"]
   assert memory.factors.a.shape == (4, 4)  # curvature memory for the default solver
-  assert adaptive.control.damping == np.float32(0.1)  # AdaptiveDamping(initial=0.1)
+  assert adaptive.control.damping == np.float32(1e-2)  # AdaptiveDamping(initial=1e-2)
   assert adaptive.previous_update is not None
   fixed = cgfac.cgfac(0.1).init(params)[0]
   assert fixed.curvature is None and fixed.previous_update is None
