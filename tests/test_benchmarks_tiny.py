@@ -73,6 +73,22 @@ def test_step_cost_tiny(tmp_path):
   assert "### Training step" in res["tables"][0]
 
 
+@pytest.mark.slow
+def test_step_breakdown_tiny(tmp_path):
+  res = run_script("step_breakdown.py", tmp_path)
+  steps = res["steps"]
+  assert set(steps) == {"adam", "cgfac", "direct", "fixed_rate"}
+  assert steps["adam"]["ratio_to_adam"] == pytest.approx(1.0)
+  for name, r in steps.items():
+    assert r["step_s"] > 0 and np.isfinite(r["last_training_loss"]), name
+  assert res["variants"]["direct"]["settings"]["solver"] == "kfac_inverse"
+  # Without the quadratic model, everything else is cgfac()'s default.
+  fixed = res["variants"]["fixed_rate"]["settings"]
+  assert fixed["solver"] == "pcg" and fixed["max_iters"] == 1 and fixed["learning_rate"] == 1e-3
+  assert all(res["parts"][k]["call_s"] > 0 for k in ("forward", "gram_of_two"))
+  assert "CG iteration (cgfac - direct)" in res["table"]
+
+
 @pytest.mark.parametrize(
   "losses, diverged, evaluated",
   [
