@@ -72,12 +72,12 @@ def cgfac(
     ``momentum`` and ``kl_clip`` are left unset (they belong to a fixed
     learning rate). The chain is ``optax.chain(scale_by_cgfac(...,
     adaptive_step=True), optax.scale(-1))``. Defaults (the settings the
-    time-to-target benchmark picked on its autoencoder; its latest 30-s
-    tuning preferred ``curvature_batch_size=128``, which over 120 s trained
-    no better, see the README's "Performance"):
+    time-to-target benchmark found fastest on its autoencoder; its latest
+    30-s tuning preferred ``max_iters=2``, which over 120 s trained no
+    better and cost more per step, see the README's "Performance"):
     ``damping=AdaptiveDamping(initial=1e-2, minimum=1e-5)`` (a low floor
     for a classifier's mean loss: the benchmark CNN trained best with
-    ``minimum=1e-2``), ``solver="pcg"`` with ``max_iters=1`` (one warm-started
+    ``minimum`` from ``1e-2`` to ``1e-1``), ``solver="pcg"`` with ``max_iters=1`` (one warm-started
     conjugate-gradient iteration on the averaged factors, preconditioned by
     K-FAC's factored-damping inverses), ``curvature_decay=0.95``,
     ``refresh_every=20``, ``curvature_batch_size=512``.
