@@ -299,7 +299,7 @@ def test_state_scalars_of_the_quadratic_model_and_of_several_states():
   np.testing.assert_array_equal(
     [scalars["step_size"], scalars["momentum"]], np.asarray(state[0].coefficients)
   )
-  assert float(scalars["damping"]) == pytest.approx(0.1)  # AdaptiveDamping's initial value
+  assert float(scalars["damping"]) == pytest.approx(1e-2)  # cgfac()'s initial adaptive damping
   tx = optax.partition(
     {"a": cgfac.cgfac(**SETTINGS), "b": cgfac.cgfac(**SETTINGS)}, {"dense": "a", "out": "b"}
   )
