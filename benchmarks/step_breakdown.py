@@ -47,40 +47,52 @@ VARIANTS = {
 }
 
 
+def interleaved(calls: dict, reps: int, n: int) -> dict[str, list[float]]:
+  """Mean seconds of ``n`` consecutive calls of each thunk, ``reps`` repetitions interleaved.
+
+  Each thunk returns what to wait for; repetition 0 warms up and is dropped.
+  """
+  times = {name: [] for name in calls}
+  with tqdm(total=reps * len(calls), desc="timing", leave=False) as bar:
+    for rep in range(reps + 1):
+      for name, call in calls.items():
+        start = time.perf_counter()
+        for _ in range(n):
+          out = call()
+        C.block(out)
+        if rep:
+          times[name].append((time.perf_counter() - start) / n)
+          bar.update()
+  return times
+
+
 def time_steps(task: T.Task, reps: int, steps: int) -> dict:
   """Median over ``reps`` interleaved repetitions of each variant's mean step time."""
   compiled = T.Compiled(task, "sampled")
-  runs = {}
+  batches = T.Batches(task.x, task.y, task.batch_size, 0)
+  data = [next(batches) for _ in range(8)]
+  key, counter, runs = jax.random.key(0), [0], {}
   for name, (factory, settings) in tqdm(VARIANTS.items(), desc="compile", leave=False):
     fn, tx, compile_s = compiled(factory, settings)
     params = task.init_params(0)
     lr = jnp.float32(settings["learning_rate"] or 0.0)
-    runs[name] = {"fn": fn, "carry": (params, tx.init(params)), "lr": lr, "times": []}
-    runs[name]["compile_s"] = compile_s
-  batches = T.Batches(task.x, task.y, task.batch_size, 0)
-  data = [tuple(jnp.asarray(a) for a in next(batches)) for _ in range(8)]
-  key, i = jax.random.key(0), 0
-  with tqdm(total=reps * len(runs), desc="timing", leave=False) as bar:
-    for rep in range(reps + 1):  # repetition 0 warms up and is dropped
-      for r in runs.values():
-        start = time.perf_counter()
-        for _ in range(steps):
-          x, y = data[i % len(data)]
-          params, state, loss = r["fn"](*r["carry"], x, y, key, i, r["lr"])
-          r["carry"], i = (params, state), i + 1
-        C.block((params, loss))
-        if rep:
-          r["times"].append((time.perf_counter() - start) / steps)
-          bar.update()
-        r["loss"] = float(loss)
-  adam = np.array(runs["adam"]["times"])
+    runs[name] = {"fn": fn, "carry": (params, tx.init(params)), "lr": lr, "compile_s": compile_s}
+
+  def step(r):
+    i = counter[0]
+    params, state, r["loss"] = r["fn"](*r["carry"], *data[i % len(data)], key, i, r["lr"])
+    r["carry"], counter[0] = (params, state), i + 1
+    return params, r["loss"]
+
+  times = interleaved({name: lambda r=r: step(r) for name, r in runs.items()}, reps, steps)
+  adam = np.array(times["adam"])
   return {
     name: {
-      "step_s": C.median(r["times"]),
-      "ratio_to_adam": C.median(np.array(r["times"]) / adam),
+      "step_s": C.median(times[name]),
+      "ratio_to_adam": C.median(np.array(times[name]) / adam),
       "compile_s": r["compile_s"],
-      "last_training_loss": r["loss"],
-      "times_s": r["times"],
+      "last_training_loss": float(r["loss"]),
+      "times_s": times[name],
     }
     for name, r in runs.items()
   }
@@ -92,22 +104,16 @@ def time_quadratic_model(task: T.Task, reps: int, calls: int) -> dict:
   x = jnp.asarray(task.x[: task.batch_size])
   model = cgfac_optax.CurvatureModel(lambda p: C.forward(task.layers, p, x)[0], task.loss)
   keys = jax.random.split(jax.random.key(1), 2)
-  directions = [
+  u, v = [
     jax.tree.map(lambda a, k=k: 1e-2 * jax.random.normal(k, a.shape, a.dtype), params) for k in keys
   ]
-  fns = {
-    "forward": jax.jit(lambda p, u, v: model.outputs_fn(p)),
-    "gram_of_two": jax.jit(lambda p, u, v: gram(model, p, [u, v])),
-  }
-  times = {name: [] for name in fns}
-  for rep in range(reps + 1):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      for _ in range(calls):
-        out = fn(params, *directions)
-      C.block(out)
-      if rep:
-        times[name].append((time.perf_counter() - start) / calls)
+  forward = jax.jit(model.outputs_fn)
+  gram_of_two = jax.jit(lambda p, u, v: gram(model, p, [u, v]))
+  times = interleaved(
+    {"forward": lambda: forward(params), "gram_of_two": lambda: gram_of_two(params, u, v)},
+    reps,
+    calls,
+  )
   return {name: {"call_s": C.median(t), "times_s": t} for name, t in times.items()}
 
 

@@ -77,9 +77,10 @@ def cgfac(
     better and cost more per step, see the README's "Performance"):
     ``damping=AdaptiveDamping(initial=1e-2, minimum=1e-5)`` (a low floor
     for a classifier's mean loss: the benchmark CNN trained best with
-    ``minimum`` from ``1e-2`` to ``1e-1``), ``solver="pcg"`` with ``max_iters=1`` (one warm-started
-    conjugate-gradient iteration on the averaged factors, preconditioned by
-    K-FAC's factored-damping inverses), ``curvature_decay=0.95``,
+    ``minimum`` from ``1e-2`` to ``1e-1``), ``solver="pcg"`` with
+    ``max_iters=1`` (one warm-started conjugate-gradient iteration on the
+    averaged factors, preconditioned by K-FAC's factored-damping inverses),
+    ``curvature_decay=0.95``,
     ``refresh_every=20``, ``curvature_batch_size=512``.
   - ``cgfac(learning_rate)``: ``optax.chain(scale_by_cgfac(damping,
     learning_rate=learning_rate, kl_clip=kl_clip, ...), optax.trace(momentum),
