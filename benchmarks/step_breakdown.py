@@ -19,6 +19,12 @@ fixed_rate`` the step sizes from the quadratic model. The same run also times,
 on one batch, the model's forward pass alone and the quadratic model's Gram
 matrix of two directions (``jax.linearize`` and two Jacobian-vector products).
 
+Each variant's flops are XLA's own count for its compiled step
+(``Compiled.cost_analysis()``; a refresh step's decompositions, taken one step in
+``--steps``, are counted as if taken every step, and CG's loop body once, its
+iteration count by default); flops over the measured step time gives the rate the
+step ran at, to set against the machine's matrix-multiply rate.
+
 Run: ``python benchmarks/step_breakdown.py`` (``--tiny`` for a seconds-long check).
 """
 
@@ -66,6 +72,15 @@ def interleaved(calls: dict, reps: int, n: int) -> dict[str, list[float]]:
   return times
 
 
+def xla_gflop(compiled) -> float | None:
+  """XLA's flop count of a compiled function, in GFLOP (``None`` where the backend gives none)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return None if flops is None or flops < 0 else flops / 1e9
+
+
 def time_steps(task: T.Task, reps: int, steps: int) -> dict:
   """Median over ``reps`` interleaved repetitions of each variant's mean step time."""
   compiled = T.Compiled(task, "sampled")
@@ -76,7 +91,13 @@ def time_steps(task: T.Task, reps: int, steps: int) -> dict:
     fn, tx, compile_s = compiled(factory, settings)
     params = task.init_params(0)
     lr = jnp.float32(settings["learning_rate"] or 0.0)
-    runs[name] = {"fn": fn, "carry": (params, tx.init(params)), "lr": lr, "compile_s": compile_s}
+    runs[name] = {
+      "fn": fn,
+      "carry": (params, tx.init(params)),
+      "lr": lr,
+      "compile_s": compile_s,
+      "gflop": xla_gflop(fn),
+    }
 
   def step(r):
     i = counter[0]
@@ -91,6 +112,7 @@ def time_steps(task: T.Task, reps: int, steps: int) -> dict:
       "step_s": C.median(times[name]),
       "ratio_to_adam": C.median(np.array(times[name]) / adam),
       "compile_s": r["compile_s"],
+      "gflop": r["gflop"],
       "last_training_loss": float(r["loss"]),
       "times_s": times[name],
     }
@@ -114,7 +136,13 @@ def time_quadratic_model(task: T.Task, reps: int, calls: int) -> dict:
     reps,
     calls,
   )
-  return {name: {"call_s": C.median(t), "times_s": t} for name, t in times.items()}
+  gflop = {
+    "forward": xla_gflop(forward.lower(params).compile()),
+    "gram_of_two": xla_gflop(gram_of_two.lower(params, u, v).compile()),
+  }
+  return {
+    name: {"call_s": C.median(t), "gflop": gflop[name], "times_s": t} for name, t in times.items()
+  }
 
 
 def main(argv=None):
@@ -142,14 +170,29 @@ def main(argv=None):
   info["load_average_end"] = list(os.getloadavg())
 
   ms = {name: 1e3 * r["step_s"] for name, r in steps.items()}
-  rows = [[name, ms[name], r["ratio_to_adam"], r["compile_s"]] for name, r in steps.items()]
+  gf = {name: r["gflop"] for name, r in steps.items()}
+  gf.update({name: r["gflop"] for name, r in parts.items()})
+  ms.update({name: 1e3 * r["call_s"] for name, r in parts.items()})
+
+  def minus(a, b):
+    return None if gf[a] is None or gf[b] is None else gf[a] - gf[b]
+
+  def row(label, t, flop, ratio=None, compile_s=None):
+    rate = None if flop is None or t <= 0 else flop / (t / 1e3)
+    return [label, t, ratio, flop, rate, compile_s]
+
+  rows = [row(n, ms[n], gf[n], r["ratio_to_adam"], r["compile_s"]) for n, r in steps.items()]
   rows += [
-    ["CG iteration (cgfac - direct)", ms["cgfac"] - ms["direct"], None, None],
-    ["quadratic model (cgfac - fixed_rate)", ms["cgfac"] - ms["fixed_rate"], None, None],
-    ["forward pass alone", 1e3 * parts["forward"]["call_s"], None, None],
-    ["Gram of two directions alone", 1e3 * parts["gram_of_two"]["call_s"], None, None],
+    row("CG iteration (cgfac - direct)", ms["cgfac"] - ms["direct"], minus("cgfac", "direct")),
+    row(
+      "quadratic model (cgfac - fixed_rate)",
+      ms["cgfac"] - ms["fixed_rate"],
+      minus("cgfac", "fixed_rate"),
+    ),
+    row("forward pass alone", ms["forward"], gf["forward"]),
+    row("Gram of two directions alone", ms["gram_of_two"], gf["gram_of_two"]),
   ]
-  table = C.format_table(["step or part", "ms", "x Adam", "compile s"], rows)
+  table = C.format_table(["step or part", "ms", "x Adam", "GFLOP", "GFLOP/s", "compile s"], rows)
   print(f"### {args.task}, batch {args.batch_size}, {args.steps} steps a repetition\n\n{table}\n")
   print(f"load average {load_start} -> {info['load_average_end']}")
   payload = {

@@ -87,6 +87,17 @@ def test_step_breakdown_tiny(tmp_path):
   assert fixed["solver"] == "pcg" and fixed["max_iters"] == 1 and fixed["learning_rate"] == 1e-3
   assert all(res["parts"][k]["call_s"] > 0 for k in ("forward", "gram_of_two"))
   assert "CG iteration (cgfac - direct)" in res["table"]
+  # XLA's flop count against the forward pass's matrix products counted by hand (the tiny
+  # autoencoder, 64 -> 32 -> 16 -> 4 -> 16 -> 32 -> 64, batch 64): the rest (biases, tanh, the
+  # loss) adds a few percent, not a second pass.
+  sizes = (64, 32, 16, 4, 16, 32, 64)
+  matmuls = 2 * 64 * sum(i * o for i, o in zip(sizes[:-1], sizes[1:])) / 1e9
+  assert matmuls <= res["parts"]["forward"]["gflop"] < 1.5 * matmuls
+  # Two directions' Jacobian products cost more than the forward they linearize.
+  assert res["parts"]["gram_of_two"]["gflop"] > 2 * matmuls
+  gflop = {name: r["gflop"] for name, r in steps.items()}
+  assert gflop["adam"] > 2.5 * matmuls  # forward and backward (no gradient for the inputs)
+  assert gflop["cgfac"] > gflop["direct"] > gflop["adam"]
 
 
 @pytest.mark.parametrize(
