@@ -20,10 +20,11 @@ on one batch, the model's forward pass alone and the quadratic model's Gram
 matrix of two directions (``jax.linearize`` and two Jacobian-vector products).
 
 Each variant's flops are XLA's own count for its compiled step
-(``Compiled.cost_analysis()``; a refresh step's decompositions, taken one step in
-``--steps``, are counted as if taken every step, and CG's loop body once, its
-iteration count by default); flops over the measured step time gives the rate the
-step ran at, to set against the machine's matrix-multiply rate.
+(``Compiled.cost_analysis()``), which counts a loop's body once (CG's, one iteration
+by default: right for the default ``max_iters=1``), a conditional's costlier branch,
+and nothing for LAPACK's decompositions (the refresh's LU inverses, one step in
+``--steps``, take time the count leaves out). Counted flops over the measured step
+time give the rate the step ran at, to set against the machine's matrix-multiply rate.
 
 Run: ``python benchmarks/step_breakdown.py`` (``--tiny`` for a seconds-long check).
 """
