@@ -39,6 +39,7 @@ from flax import nnx
 
 import cgfac_optax
 from cgfac_optax import flax as cflax
+from cgfac_optax._alias import ADAPTIVE_DEFAULTS
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "transformer"
 LOSS = "softmax_cross_entropy"
@@ -114,9 +115,17 @@ def muon_dimension_numbers(params):
   return jax.tree_util.tree_map_with_path(spec, params, is_leaf=is_variable)
 
 
-def optimizers() -> dict[str, optax.GradientTransformation]:
+def optimizers(damping_floor: float | None = None) -> dict[str, optax.GradientTransformation]:
+  """The three optimizers; ``damping_floor`` replaces ``cgfac()``'s adaptive damping floor.
+
+  With a floor, the damping starts at the larger of it and ``cgfac()``'s initial damping.
+  """
+  damping = None
+  if damping_floor is not None:
+    initial = max(damping_floor, ADAPTIVE_DEFAULTS["damping"].initial)
+    damping = cgfac_optax.AdaptiveDamping(initial=initial, minimum=damping_floor)
   return {
-    "CG-FAC": cgfac_optax.cgfac(),
+    "CG-FAC": cgfac_optax.cgfac(damping=damping),
     "Adam": optax.adam(ADAM_LR),
     "Muon": optax.contrib.muon(
       MUON_LR, adam_learning_rate=ADAM_LR, muon_weight_dimension_numbers=muon_dimension_numbers
@@ -286,6 +295,12 @@ def parse_args(argv=None):
   parser.add_argument("--val-batches", type=int, default=8)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--optimizers", default="CG-FAC,Adam,Muon")
+  parser.add_argument(
+    "--damping-floor",
+    type=float,
+    default=None,
+    help="CG-FAC's adaptive damping floor (default: cgfac()'s own)",
+  )
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
   parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
   args = parser.parse_args(argv)
@@ -326,7 +341,7 @@ def main(argv=None):
   print(head + "\n" + "-" * len(head))
   results = [
     train(name, tx, args, data)
-    for name, tx in optimizers().items()
+    for name, tx in optimizers(args.damping_floor).items()
     if name in args.optimizers.split(",")
   ]
   load_after = os.getloadavg()

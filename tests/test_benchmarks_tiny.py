@@ -344,6 +344,23 @@ def test_decompositions_tiny(tmp_path):
   assert all(v > 0 for v in res["seconds"].values())
 
 
+def test_transformer_damping_floor_option():
+  import transformer
+
+  from cgfac_optax import state_scalars
+
+  params = {"w": jnp.zeros((3, 2))}
+
+  def initial_damping(floor):
+    return float(state_scalars(transformer.optimizers(floor)["CG-FAC"].init(params))["damping"])
+
+  assert initial_damping(None) == pytest.approx(1e-2)  # cgfac()'s own
+  assert initial_damping(1e-4) == pytest.approx(1e-2)  # a lower floor keeps the initial damping
+  assert initial_damping(0.1) == pytest.approx(0.1)  # a higher one starts there
+  assert transformer.parse_args(["--damping-floor", "0.01"]).damping_floor == 0.01
+  assert transformer.parse_args([]).damping_floor is None
+
+
 @pytest.mark.slow
 def test_transformer_tiny(tmp_path):
   res = run_script("transformer.py", tmp_path)
