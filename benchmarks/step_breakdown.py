@@ -2,8 +2,8 @@
 
 Whole compiled training steps (as ``time_to_target.py`` runs them: same model,
 data, batch and sampled-Fisher pass), interleaved across the variants, each
-repetition ``--steps`` consecutive steps (one eigendecomposition refresh period
-by default, so the refresh is counted at its share); the median over
+repetition ``--steps`` consecutive steps (one refresh period of the
+preconditioner's inverses by default, so the refresh is counted at its share); the median over
 repetitions of the mean step time:
 
   ``adam``        Adam (its forward, backward and update): the reference;
