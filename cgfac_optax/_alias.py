@@ -75,12 +75,12 @@ def cgfac(
     time-to-target benchmark found fastest on its autoencoder; its latest
     30-s tuning preferred ``max_iters=2``, which over 120 s trained no
     better and cost more per step, see the README's "Performance"):
-    ``damping=AdaptiveDamping(initial=1e-2, minimum=1e-5)`` (a low floor
-    for a classifier's mean loss: the benchmark CNN trained best with
-    ``minimum`` from ``1e-2`` to ``1e-1``), ``solver="pcg"`` with
-    ``max_iters=1`` (one warm-started conjugate-gradient iteration on the
-    averaged factors, preconditioned by K-FAC's factored-damping inverses),
-    ``curvature_decay=0.95``,
+    ``damping=AdaptiveDamping(initial=1e-2, minimum=1e-5)`` (the floor is
+    model-dependent: the benchmark CNN trained best with ``minimum`` from
+    ``1e-2`` to ``1e-1``, the benchmark transformer, also a classifier, with
+    this default), ``solver="pcg"`` with ``max_iters=1`` (one warm-started
+    conjugate-gradient iteration on the averaged factors, preconditioned by
+    K-FAC's factored-damping inverses), ``curvature_decay=0.95``,
     ``refresh_every=20``, ``curvature_batch_size=512``.
   - ``cgfac(learning_rate)``: ``optax.chain(scale_by_cgfac(damping,
     learning_rate=learning_rate, kl_clip=kl_clip, ...), optax.trace(momentum),
