@@ -9,15 +9,31 @@ back in the layout of the gradients and the old state.
 from __future__ import annotations
 
 import jax
+import numpy as np
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _in_explicit_mode(fn, params_spec):
+  """``fn`` run back in Explicit mode: of no arguments, or of one laid out like ``params``."""
+
+  def call(*args):
+    in_sharding = tuple(params_spec for _ in args)
+    return jax.sharding.explicit_axes(fn, in_sharding=in_sharding)(*args)
+
+  return call
 
 
 def auto_axes_on_explicit_mesh(update_fn):
   """Runs ``update_fn`` with the context mesh's axes in Auto mode when some are Explicit.
 
-  Without a mesh, or with Auto axes only, ``update_fn`` runs as it is. Callable extra
-  arguments (``value_fn``, a function of params-like arrays that may close over the caller's
-  explicitly sharded batch) run back in Explicit mode, their argument laid out like
-  ``params``.
+  Without a mesh, or with Auto axes only, ``update_fn`` runs as it is. The extra
+  arguments' arrays pass into the Auto region; their functions (``value_fn``, the
+  curvature model's ``outputs_fn``, a ``layer_stats`` function: each closes over the
+  caller's explicitly sharded batch, and takes nothing or params-like arrays) run back in
+  Explicit mode; anything else (a loss name) is passed as it is.
   """
 
   def wrapped(updates, state, params=None, **kwargs):
@@ -26,13 +42,18 @@ def auto_axes_on_explicit_mesh(update_fn):
     # Specs, read against the context mesh (arrays placed without one read as replicated).
     sharding_of = lambda tree: jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
     out_sharding = sharding_of((updates, state))
-    fns = {
-      k: jax.sharding.explicit_axes(v, in_sharding=(sharding_of(params),))
-      for k, v in kwargs.items()
-      if callable(v)
-    }
-    arrays = {k: v for k, v in kwargs.items() if k not in fns}
-    solve = lambda u, s, p, arrays: update_fn(u, s, p, **arrays, **fns)
+    leaves, treedef = jax.tree.flatten(kwargs)
+    arrays = [x for x in leaves if _is_array(x)]
+    params_spec = sharding_of(params)
+
+    def solve(u, s, p, arrays):
+      given = iter(arrays)
+      rebuilt = [
+        next(given) if _is_array(x) else (_in_explicit_mode(x, params_spec) if callable(x) else x)
+        for x in leaves
+      ]
+      return update_fn(u, s, p, **treedef.unflatten(rebuilt))
+
     return jax.sharding.auto_axes(solve, out_sharding=out_sharding)(updates, state, params, arrays)
 
   return wrapped

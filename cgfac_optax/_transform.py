@@ -786,6 +786,8 @@ def scale_by_cgfac(
     **extra_args,
   ):
     del extra_args
+    if callable(layer_stats):
+      layer_stats = layer_stats()
     _check_layer_stats(layer_stats)
     if adaptive_step:
       _check_curvature_model(params, curvature_model)

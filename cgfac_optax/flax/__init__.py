@@ -1,17 +1,15 @@
-"""Flax integration: CG-FAC layer stats from unchanged Linen and NNX models."""
+"""Flax integration: everything ``update`` reads, from unchanged Linen and NNX models."""
 
 from cgfac_optax.flax._rules import RULES, CaptureRule, find_rule, register_rule
-from cgfac_optax.flax.linen import apply_gradients, curvature_model, value_grad_and_stats
-from cgfac_optax.flax.nnx import nnx_curvature_model, nnx_value_grad_and_stats
+from cgfac_optax.flax.linen import TrainState, value_grad_and_extra
+from cgfac_optax.flax.nnx import nnx_value_grad_and_extra
 
 __all__ = [
   "RULES",
   "CaptureRule",
-  "apply_gradients",
-  "curvature_model",
+  "TrainState",
   "find_rule",
-  "nnx_curvature_model",
-  "nnx_value_grad_and_stats",
+  "nnx_value_grad_and_extra",
   "register_rule",
-  "value_grad_and_stats",
+  "value_grad_and_extra",
 ]

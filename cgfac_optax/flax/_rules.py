@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cgfac_optax._layers import path_str
 from cgfac_optax.flax._conv import conv_inputs
 
 
@@ -77,6 +78,30 @@ def find_rule(module: Any) -> CaptureRule | None:
     if rule is not None:
       return rule if rule.applies is None or rule.applies(module) else None
   return None
+
+
+def apply_rule(fn: Callable, module: Any, x: jax.Array, path: tuple) -> jax.Array:
+  """Runs a rule function; its errors name the layer."""
+  try:
+    return fn(module, x)
+  except ValueError as e:
+    raise ValueError(f"layer {path_str(path)!r} ({type(module).__name__}): {e}") from e
+
+
+def _class_name(cls: type) -> str:
+  for prefix, short in (("flax.linen.", "nn."), ("flax.nnx.", "nnx.")):
+    if cls.__module__.startswith(prefix):
+      return short + cls.__qualname__
+  return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def no_layers_message() -> str:
+  """What a model without a captured layer is told: the classes that are captured."""
+  names = sorted(_class_name(cls) for cls in RULES)
+  return (
+    "the model calls no layer whose curvature can be captured; supported layer classes "
+    f"(and subclasses): {names}"
+  )
 
 
 def identity(module: Any, x: jax.Array) -> jax.Array:

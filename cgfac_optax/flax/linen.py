@@ -1,30 +1,30 @@
-"""Linen: loss, gradients and CG-FAC layer stats of an unchanged ``nn.Module``.
+"""Linen: the loss, the gradients and everything ``update`` reads, for an unchanged ``nn.Module``.
 
-Every call of a captured layer (``nn.Dense``, ``nn.DenseGeneral``, and any
-class added with :func:`~cgfac_optax.flax.register_rule`) is intercepted with
-``nn.intercept_methods``: its input is sown into the ``"cgfac_inputs"``
-collection and a zero perturbation (``Module.perturb``, collection
-``"cgfac_perturbations"``) is added to its output, whose gradient is the
-output gradient. Going through Linen collections keeps this correct inside
+Every call of a captured layer (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``,
+and any class added with :func:`~cgfac_optax.flax.register_rule`) is
+intercepted with ``nn.intercept_methods``: its input is sown into the
+``"cgfac_inputs"`` collection and a zero perturbation (``Module.perturb``,
+collection ``"cgfac_perturbations"``) is added to its output, whose gradient is
+the output gradient. Going through Linen collections keeps this correct inside
 ``nn.remat`` and ``nn.jit``; inside ``nn.scan`` and ``nn.vmap`` the capture
 raises an error naming the layer rather than return incomplete stats.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import optax
 from flax import traverse_util
 from flax.training import train_state
 
-from cgfac_optax import _layers, _losses
-from cgfac_optax._quadratic import CurvatureModel
-from cgfac_optax.flax import _capture
-from cgfac_optax.flax._rules import find_rule
+from cgfac_optax import _capture, _layers, _losses
+from cgfac_optax._capture import DEFAULT_CURVATURE_BATCH_SIZE
+from cgfac_optax.flax._rules import apply_rule, find_rule, no_layers_message
 
 INPUTS = "cgfac_inputs"
 PERTURBATIONS = "cgfac_perturbations"
@@ -45,40 +45,102 @@ def _interceptor(recorder: _capture.Recorder):
         "outside the transformation (nn.remat and nn.jit are supported)"
       )
     x = args[0] if args else kwargs["inputs"]
-    a = _capture.apply_rule(rule.inputs, module, x, path)
+    a = apply_rule(rule.inputs, module, x, path)
     y = next_fun(*args, **kwargs)
     index = recorder.next_index(path)
     module.sow(INPUTS, "inputs", a)
     y = module.perturb(f"cgfac_out{index}", y, collection=PERTURBATIONS)
-    recorder.add(path, module, rule, a, y)
+    recorder.add(path, a, y, lambda dy: rule.output_grads(module, dy))
     return y
 
   return intercept
 
 
-def value_grad_and_stats(
+def _mutable_names(collections: Mapping, mutable) -> list[str]:
+  """The collections the model may change: ``mutable`` as Linen takes it, by name."""
+  if mutable is None or mutable is True:
+    return list(collections)
+  if mutable is False:
+    return []
+  names = [mutable] if isinstance(mutable, str) else list(mutable)
+  if not all(isinstance(n, str) for n in names):
+    raise ValueError(
+      f"mutable must be a bool, a collection name or a list of them, got {mutable!r}"
+    )
+  return names
+
+
+def _model(module: nn.Module, collections: Mapping, mutable: Sequence[str], apply_kwargs):
+  """The engine's :class:`~cgfac_optax._capture.Model` of a Linen module."""
+
+  def apply(variables, inputs, extra_mutable=()):
+    out, changed = module.apply(
+      variables, inputs, mutable=[*mutable, *extra_mutable], **apply_kwargs
+    )
+    return out, changed
+
+  def run(params, inputs):
+    out, changed = apply({"params": params, **collections}, inputs)
+    return out, {k: v for k, v in changed.items() if k in mutable}
+
+  def capture(params, inputs, perturbations, recorder):
+    variables = {"params": params, **collections}
+    if perturbations is not None:
+      variables[PERTURBATIONS] = traverse_util.unflatten_dict(
+        {
+          recorder.planned[key].path + (f"cgfac_out{recorder.planned[key].index}",): value
+          for key, value in perturbations.items()
+        }
+      )
+    with nn.intercept_methods(_interceptor(recorder)):
+      out, changed = apply(variables, inputs, (INPUTS,))
+    layer_inputs = {}
+    for name, sown in traverse_util.flatten_dict(changed.get(INPUTS, {})).items():
+      for index, a in enumerate(sown):
+        layer_inputs[_capture.use_key(name[:-1], index)] = a
+    return out, layer_inputs, None
+
+  return _capture.Model(run, capture, no_layers_message())
+
+
+def value_grad_and_extra(
   model: nn.Module,
   *,
   loss: str = "softmax_cross_entropy",
   fisher: str = "sampled",
-  curvature_rows: int | None = None,
+  curvature_batch_size: int | None = DEFAULT_CURVATURE_BATCH_SIZE,
 ) -> Callable[..., tuple[jax.Array, Any, dict]]:
-  r"""Loss, gradients and CG-FAC ``layer_stats`` of a Linen model in one pass.
+  r"""The loss, the gradients and ``extra``, everything ``tx.update`` reads, of a Linen model.
 
-  The returned function runs one forward pass and one backward pass
-  (``fisher="empirical"``), or one forward and two backward passes through the
-  same vjp (``fisher="sampled"``, the default, as in K-FAC: output gradients
-  from targets drawn from the model's predictive distribution), or, with
-  ``curvature_rows``, a second forward and backward pass on a subsample (see
-  below). The model is not changed: dense layers are found with
-  ``nn.intercept_methods``.
+  ``fn = value_grad_and_extra(model, loss=...)`` returns ``fn(params, inputs,
+  targets, rng, ...) -> (loss, grads, extra)``, jit-able, for::
 
-  The returned loss is the batch mean of the per-example losses (see below)
-  and ``grads`` its gradient with respect to ``params``. ``stats`` mirrors
-  ``params`` down to each captured layer's parameter dict, where it holds a
-  :class:`~cgfac_optax.DenseStats` whose ``output_grads`` are the gradients of
-  the *per-example* loss (``B`` times those of the mean). A layer called
-  several times contributes the positions of all its calls, side by side.
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    state = state.apply_gradients(grads=grads, **extra)  # cgfac_optax.flax.TrainState
+
+  ``loss`` is the batch mean of the per-example losses and ``grads`` its
+  gradient with respect to ``params``, from one forward and one backward pass
+  of the unchanged model (what a first-order optimizer computes). ``extra``
+  holds (see :mod:`cgfac_optax`):
+
+  - ``layer_stats``: a function that computes the curvature stats of the
+    batch's first ``curvature_batch_size`` examples (one more forward pass of
+    those examples and one backward pass to the layer outputs, with targets
+    drawn from the model for ``fisher="sampled"``, the batch's own for
+    ``"empirical"``); the optimizer calls it only on the steps that update its
+    curvature;
+  - ``curvature_model``: the model's outputs on the same examples as a
+    function of the parameters (exact Fisher products for the step sizes);
+  - ``value`` and ``value_fn``: the loss, and the loss of this batch at other
+    parameters (adaptive damping);
+  - ``collections``: with ``collections=``, the model's variable collections
+    after the loss pass (e.g. BatchNorm's updated ``batch_stats``), which
+    ``TrainState.apply_gradients`` stores and ``tx.update`` ignores.
+
+  The extra passes run the model as the loss pass did (same call arguments,
+  ``rngs`` included, so dropout draws the same masks where the examples are
+  the same; BatchNorm in training mode normalizes with the statistics of the
+  examples it sees), and drop whatever they change in the collections.
 
   Per-example losses (the last output axis is the prediction; axes between the
   first and the last are positions, averaged):
@@ -89,177 +151,131 @@ def value_grad_and_stats(
   - ``"squared_error"``: ``0.5 * sum_k (y_k - t_k)^2``, the unit Gaussian.
 
   Weights: with ``weights=w`` (shape ``(examples,)``, ``>= 0``, positive sum)
-  the loss is ``sum_j w_j l_j / sum_j w_j`` and ``grads`` its gradient. A
-  0/1 mask drops the masked examples from the loss, the gradient and ``G``
-  (their output gradients are zero); ``G`` is the weighted mean
-  ``sum_j w_j g_j g_j^T / sum_j w_j`` because each example's stats output
-  gradient is ``sqrt(B w_j / sum w)`` times its own loss gradient. ``A`` still
-  averages the inputs of every example, masked ones included: where masked
-  examples are padding, their inputs enter ``A``.
-
-  Curvature rows: the optimizer builds its factors from the stats of the
-  batch's first ``curvature_batch_size`` examples only (``cgfac()`` uses 512),
-  and with ``curvature_rows=k`` the stats hold those ``k`` examples alone. With
-  the sampled Fisher the function then runs one forward and one backward pass
-  of the whole batch (the loss and ``grads``, unchanged) and one forward and
-  one backward pass of the first ``k`` examples (the stats), instead of a
-  second backward pass over the whole batch: a saving when ``k`` is well below
-  the batch size (128 of 512: a quarter of a backward pass plus a quarter of a
-  forward pass instead of a whole backward pass). The stats are exactly those
-  of this function (without ``curvature_rows``) on the batch's first ``k``
-  examples alone: the inputs sliced along their leading axis, ``targets[:k]``,
-  ``weights[:k]`` and the same ``rng``. Unweighted, each row is the example's
-  own loss gradient, as in the whole batch's stats; weighted, ``G`` is the
-  weighted mean over those ``k`` examples (output gradients ``sqrt(k w_j /
-  sum_{i<k} w_i)`` times the example's own, zero when the ``k`` weights sum to
-  zero). The targets are drawn for the ``k`` examples, so they are not the
-  first ``k`` of a whole-batch draw with the same ``rng``; stochastic layers
-  (dropout) draw their own masks in that pass, and layers that mix examples
-  see only those ``k``. With the empirical Fisher the one backward pass has
-  every example's gradient already: the stats are its first ``k`` rows, scaled
-  the same way, at no extra cost. ``k`` equal to the batch size is the same as
-  ``None``. The quadratic model (:func:`curvature_model`) is separate and
-  stays on the whole batch.
+  the loss is ``sum_j w_j l_j / sum_j w_j``; ``G`` is then the weighted mean of
+  the examples' output-gradient products (a 0/1 mask drops examples from the
+  loss, the gradients and ``G``; ``A`` still averages every example's inputs).
 
   Args:
     model: the Linen module (unbound).
     loss: ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or
       ``"squared_error"``.
-    fisher: ``"sampled"`` (true Fisher, default) or ``"empirical"``.
-    curvature_rows: ``None`` (stats of the whole batch, default) or ``k``, an
-      int from 1 to the batch size: stats of the batch's first ``k`` examples
-      only (see above); set it to the optimizer's ``curvature_batch_size``.
+    fisher: ``"sampled"`` (the true Fisher, as in K-FAC) or ``"empirical"``.
+    curvature_batch_size: how many of the batch's first examples feed the
+      curvature (the stats and the quadratic model); ``None`` for all. A batch
+      smaller than it uses all its examples.
 
   Returns:
-    ``vgs(params, inputs, targets, rng=None, *, weights=None, **apply_kwargs)
-    -> (loss, grads, stats)``, jit-able. ``params`` is ``variables["params"]``;
-    ``apply_kwargs`` go to ``model.apply`` (e.g. ``rngs=``, ``train=``; not
-    ``mutable``). ``rng`` is required for ``fisher="sampled"``.
+    ``fn(params, inputs, targets, rng=None, *, collections=None, mutable=None,
+    weights=None, **apply_kwargs) -> (loss, grads, extra)``. ``params`` is
+    ``variables["params"]``; ``collections`` the other variable collections
+    (``{"batch_stats": ...}``), mutable in every pass unless ``mutable`` (as
+    in ``model.apply``) names fewer; ``apply_kwargs`` go to ``model.apply``
+    (``train=True``, ``rngs={"dropout": key}``). ``inputs`` is the first
+    argument of ``model.apply`` after the variables (a pytree of arrays whose
+    leading axis is the examples); ``rng`` is required for
+    ``fisher="sampled"``.
 
   Raises:
-    ValueError: for an unknown loss or Fisher, or ``curvature_rows`` that is
-      not a positive int (at construction); for targets of the wrong shape, a
-      layer called inside ``nn.scan``/``nn.vmap``, a model without a captured
-      layer, or ``curvature_rows`` larger than the batch size (when called).
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> from cgfac_optax import flax as cflax
-    >>> model = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(3)])
-    >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
-    >>> params = model.init(jax.random.key(0), x)["params"]
-    >>> vgs = cflax.value_grad_and_stats(model, loss="softmax_cross_entropy")
-    >>> loss, grads, stats = jax.jit(vgs)(params, x, y, jax.random.key(1))
-    >>> stats["layers_2"].output_grads.shape
-    (4, 3)
-  """
-  _losses.get_loss(loss)
-  _losses.check_fisher(fisher)
-  _capture.check_rows(curvature_rows)
-
-  def vgs(params, inputs, targets, rng=None, *, weights=None, **apply_kwargs):
-    if "mutable" in apply_kwargs:
-      raise ValueError(
-        "value_grad_and_stats does not support mutable collections (e.g. batch_stats); got "
-        f"mutable={apply_kwargs['mutable']!r}"
-      )
-
-    def forward_of(batch):
-      def forward(p, perturbations, recorder):
-        variables = {"params": p}
-        if perturbations is not None:
-          variables[PERTURBATIONS] = traverse_util.unflatten_dict(
-            {
-              recorder.planned[key].path + (f"cgfac_out{recorder.planned[key].index}",): value
-              for key, value in perturbations.items()
-            }
-          )
-        with nn.intercept_methods(_interceptor(recorder)):
-          outputs, collections = model.apply(variables, batch, mutable=[INPUTS], **apply_kwargs)
-        inputs_by_key = {}
-        for name, sown in traverse_util.flatten_dict(collections.get(INPUTS, {})).items():
-          for index, a in enumerate(sown):
-            inputs_by_key[_capture.use_key(name[:-1], index)] = a
-        return outputs, inputs_by_key, None
-
-      return forward
-
-    value, grads, stats, _ = _capture.run(
-      forward_of(inputs),
-      params,
-      targets,
-      rng,
-      loss=loss,
-      fisher=fisher,
-      weights=weights,
-      rows=curvature_rows,
-      head=lambda k: forward_of(jax.tree.map(lambda x: x[:k], inputs)),
-    )
-    return value, grads, stats
-
-  return vgs
-
-
-def apply_gradients(
-  state: train_state.TrainState, grads: Any, **extra_args
-) -> train_state.TrainState:
-  """``state.apply_gradients(grads=grads)`` that forwards ``extra_args`` to ``tx.update``.
-
-  ``TrainState.apply_gradients`` calls ``tx.update(grads, opt_state, params)``
-  and cannot pass ``layer_stats``; this does the same step with them.
-
-  Args:
-    state: a ``flax.training.train_state.TrainState`` (or subclass).
-    grads: gradients like ``state.params``.
-    **extra_args: keyword arguments of ``tx.update``, e.g. ``layer_stats=stats``.
-
-  Returns:
-    ``state`` with ``step + 1``, updated ``params`` and ``opt_state``.
+    ValueError: for an unknown loss or Fisher or a bad ``curvature_batch_size``
+      (at construction); for targets of the wrong shape, a layer called inside
+      ``nn.scan``/``nn.vmap``, or a model without a captured layer (when called).
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> import cgfac_optax as cgfac
     >>> from cgfac_optax import flax as cflax
-    >>> from flax.training import train_state
-    >>> model = nn.Dense(3)
+    >>> model = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(3)])
     >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
-    >>> state = train_state.TrainState.create(
-    ...   apply_fn=model.apply, params=model.init(jax.random.key(0), x)["params"],
-    ...   tx=cgfac.cgfac(learning_rate=0.1, damping=1e-2))
-    >>> vgs = cflax.value_grad_and_stats(model)
-    >>> loss, grads, stats = vgs(state.params, x, y, jax.random.key(1))
-    >>> state = cflax.apply_gradients(state, grads, layer_stats=stats)
-    >>> int(state.step)
-    1
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> tx = cgfac.cgfac()
+    >>> opt_state = tx.init(params)
+    >>> fn = cflax.value_grad_and_extra(model, loss="softmax_cross_entropy")
+    >>> loss, grads, extra = fn(params, x, y, jax.random.key(1))
+    >>> updates, opt_state = tx.update(grads, opt_state, params, **extra)
   """
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
-  params = optax.apply_updates(state.params, updates)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  _losses.get_loss(loss)
+  _losses.check_fisher(fisher)
+  _capture.check_curvature_batch_size(curvature_batch_size)
+
+  def fn(
+    params, inputs, targets, rng=None, *, collections=None, mutable=None, weights=None, **kwargs
+  ):
+    if "mutable" in kwargs or "variables" in kwargs:
+      raise TypeError("pass the non-parameter collections as collections=, not variables=")
+    collections = dict(collections or {})
+    names = _mutable_names(collections, mutable)
+    value, grads, extra, changed = _capture.value_grad_and_extra(
+      _model(model, collections, names, kwargs),
+      params,
+      inputs,
+      targets,
+      rng,
+      loss=loss,
+      fisher=fisher,
+      weights=weights,
+      curvature_batch_size=curvature_batch_size,
+    )
+    if collections:
+      extra["collections"] = {**collections, **changed}
+    return value, grads, extra
+
+  return fn
 
 
-def curvature_model(
-  model: nn.Module, inputs: Any, *, loss: str, rows: int | None = None, **apply_kwargs
-) -> CurvatureModel:
-  """The :class:`~cgfac_optax.CurvatureModel` of a Linen model on a batch's first ``rows`` examples.
+class TrainState(train_state.TrainState):
+  """Flax's ``TrainState`` with the model's other collections, for ``apply_gradients(**extra)``.
 
-  What ``update`` needs for step sizes from the quadratic model
-  (``cgfac_optax.cgfac(learning_rate=None)``): the model's outputs as a function
-  of ``params`` alone. Leave ``rows`` unset (the whole batch) unless the batch is
-  too large for two extra forward passes: the step sizes and the damping are read
-  off this model, and a model on a small subsample is noisy (on the Fashion-MNIST
-  autoencoder, 128 of 512 examples made the loss spike late in training; the
-  whole batch did not). The factors can still use a subsample
-  (``curvature_batch_size``).
+  ``collections`` holds the variable collections besides ``params`` (e.g.
+  ``{"batch_stats": ...}``); :meth:`apply_gradients` passes the optimizer's
+  extra arguments on to ``tx.update`` (``TrainState.apply_gradients`` drops
+  them) and stores the ``collections`` that
+  :func:`~cgfac_optax.flax.value_grad_and_extra` returns in ``extra``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import cgfac_optax as cgfac
     >>> from cgfac_optax import flax as cflax
-    >>> model = nn.Dense(3)
-    >>> x = jnp.ones((8, 5))
-    >>> params = model.init(jax.random.key(0), x)["params"]
-    >>> cm = cflax.curvature_model(model, x, loss="softmax_cross_entropy", rows=4)
-    >>> cm.outputs_fn(params).shape
-    (4, 3)
+    >>> model = nn.Sequential([nn.Dense(8), nn.BatchNorm(use_running_average=False), nn.Dense(3)])
+    >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> state = cflax.TrainState.create(apply_fn=model.apply, variables=variables, tx=cgfac.cgfac())
+    >>> fn = cflax.value_grad_and_extra(model)
+    >>> loss, grads, extra = fn(state.params, x, y, jax.random.key(1), collections=state.collections)
+    >>> state = state.apply_gradients(grads=grads, **extra)
+    >>> sorted(state.collections)
+    ['batch_stats']
   """
-  subset = inputs if rows is None else jax.tree.map(lambda x: x[:rows], inputs)
-  return CurvatureModel(lambda p: model.apply({"params": p}, subset, **apply_kwargs), loss)
+
+  collections: Any = flax.struct.field(default_factory=dict)
+
+  @classmethod
+  def create(cls, *, apply_fn, tx, params=None, variables=None, **kwargs) -> TrainState:
+    """From ``params`` (and ``collections=``), or from a whole ``variables`` dict."""
+    if (params is None) == (variables is None):
+      raise TypeError("TrainState.create takes params= or variables=, exactly one of them")
+    if variables is not None:
+      variables = dict(variables)
+      params = variables.pop("params")
+      kwargs["collections"] = {**variables, **kwargs.get("collections", {})}
+    return super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
+
+  def apply_gradients(self, *, grads, collections=None, **extra_args) -> TrainState:
+    """One optimizer step: ``tx.update(grads, opt_state, params, **extra_args)``.
+
+    Args:
+      grads: gradients like ``params``.
+      collections: the model's collections after the step's forward pass
+        (kept as they are when ``None``).
+      **extra_args: the keyword arguments of ``tx.update`` (``**extra``).
+
+    Returns:
+      The state with ``step + 1`` and the new ``params``, ``opt_state`` and
+      ``collections``.
+    """
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra_args)
+    return self.replace(
+      step=self.step + 1,
+      params=optax.apply_updates(self.params, updates),
+      opt_state=opt_state,
+      collections=self.collections if collections is None else collections,
+    )

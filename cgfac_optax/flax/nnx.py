@@ -1,14 +1,20 @@
-"""NNX: loss, gradients and CG-FAC layer stats of an unchanged ``nnx.Module``.
+"""NNX: the loss, the gradients and everything ``update`` reads, for an unchanged ``nnx.Module``.
 
 For the duration of one forward pass, ``__call__`` of every captured layer
 class in the model (``nnx.Linear``, ``nnx.LinearGeneral`` (the projections of
 ``nnx.MultiHeadAttention``), ``nnx.Conv``, ``nnx.Einsum`` when its equation is a
 dense map, and any class added with :func:`~cgfac_optax.flax.register_rule`) is
-wrapped: the wrapper records the
-call's input and adds a zero perturbation to its output. The classes are
-restored as soon as the forward pass has been traced. A captured layer called
-inside a JAX or NNX transformation within the model (``nnx.scan``,
-``nnx.vmap``, ``nnx.remat``, ...) raises an error naming the layer.
+wrapped: the wrapper records the call's input and adds a zero perturbation to
+its output. The classes are restored as soon as the forward pass has been
+traced. A captured layer called inside a JAX or NNX transformation within the
+model (``nnx.scan``, ``nnx.vmap``, ``nnx.remat``, ...) raises an error naming
+the layer.
+
+Every pass runs on fresh copies of the model's state (``nnx.merge`` of its
+arrays), so nothing the model changes as it runs (batch statistics, RNG counts)
+touches the caller's Variables from inside another trace; the loss pass's
+changes are written back to the model afterwards, as ``nnx.grad`` does, and
+the other passes' are dropped.
 """
 
 from __future__ import annotations
@@ -18,12 +24,11 @@ from typing import Any
 
 import jax
 from flax import nnx
-from flax.nnx import tracers
+from flax.nnx import graph, tracers
 
-from cgfac_optax import _layers, _losses
-from cgfac_optax._quadratic import CurvatureModel
-from cgfac_optax.flax import _capture
-from cgfac_optax.flax._rules import find_rule
+from cgfac_optax import _capture, _layers, _losses
+from cgfac_optax._capture import DEFAULT_CURVATURE_BATCH_SIZE
+from cgfac_optax.flax._rules import apply_rule, find_rule, no_layers_message
 
 _ACTIVE: list[_Capture] = []
 _PATH_ATTRIBUTE = "_cgfac_path"
@@ -56,9 +61,9 @@ def _wrap(call):
         "outside the transformation"
       )
     rule = find_rule(self)
-    a = _capture.apply_rule(rule.inputs, self, inputs, path)
+    a = apply_rule(rule.inputs, self, inputs, path)
     y = call(self, inputs, *args, **kwargs)
-    key = capture.recorder.add(path, self, rule, a, y)
+    key = capture.recorder.add(path, a, y, lambda dy: rule.output_grads(self, dy))
     capture.inputs[key] = a
     if capture.perturbations is not None:
       y = y + capture.perturbations[key]
@@ -88,7 +93,57 @@ def _wrapped_calls(classes: set[type], capture: _Capture):
     _ACTIVE.pop()
 
 
-def nnx_value_grad_and_stats(
+def _fresh(state):
+  """New Variables holding the same arrays, owned by whichever trace calls this."""
+  return jax.tree.map(lambda v: v, state)
+
+
+def _model(model: nnx.Module, call_kwargs: dict) -> tuple[_capture.Model, Any, Any]:
+  """The engine's model of ``model(inputs, **call_kwargs)``, its params, and a write-back.
+
+  NNX objects among the call's arguments (an ``nnx.Rngs`` for dropout) are split
+  like the model's non-parameter state: copied into every pass, and the loss
+  pass's changes written back.
+  """
+  nodes = {k: v for k, v in call_kwargs.items() if graph.is_graph_node(v)}
+  plain = {k: v for k, v in call_kwargs.items() if k not in nodes}
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  nodes_def, nodes_state = nnx.split(nodes)
+  classes = {type(m) for _, m in nnx.iter_modules(model) if find_rule(m) is not None}
+
+  def merged(p):
+    return nnx.merge(graphdef, _fresh(p), _fresh(rest)), nnx.merge(nodes_def, _fresh(nodes_state))
+
+  def state_of(module, node_kwargs):
+    return nnx.split(module, nnx.Param, ...)[2], nnx.split(node_kwargs)[1]
+
+  def run(p, inputs):
+    module, node_kwargs = merged(p)
+    out = module(inputs, **node_kwargs, **plain)
+    return out, state_of(module, node_kwargs)
+
+  def capture(p, inputs, perturbations, recorder):
+    module, node_kwargs = merged(p)
+    paths = {}
+    for path, m in nnx.iter_modules(module):
+      if find_rule(m) is not None:
+        paths[id(m)] = path
+        # A static attribute: it survives the split/merge of NNX transformations,
+        # so a copy of the layer called inside one can be named in the error.
+        setattr(m, _PATH_ATTRIBUTE, path)
+    active = _Capture(paths, recorder, perturbations)
+    with _wrapped_calls(classes, active):
+      out = module(inputs, **node_kwargs, **plain)
+    return out, active.inputs, None
+
+  def write_back(changed):
+    nnx.update(model, changed[0])
+    nnx.update(nodes, changed[1])
+
+  return _capture.Model(run, capture, no_layers_message()), params, write_back
+
+
+def nnx_value_grad_and_extra(
   model: nnx.Module,
   inputs: Any,
   targets: jax.Array,
@@ -97,124 +152,70 @@ def nnx_value_grad_and_stats(
   loss: str = "softmax_cross_entropy",
   fisher: str = "sampled",
   weights: jax.Array | None = None,
-  curvature_rows: int | None = None,
+  curvature_batch_size: int | None = DEFAULT_CURVATURE_BATCH_SIZE,
+  **call_kwargs,
 ) -> tuple[jax.Array, nnx.State, dict]:
-  """Loss, gradients and CG-FAC ``layer_stats`` of an NNX model in one pass.
+  """The loss, the gradients and ``extra``, everything ``tx.update`` reads, of an NNX model.
 
-  One forward pass of ``model(inputs)`` and one backward pass (empirical
-  Fisher) or two backward passes through the same vjp (sampled Fisher, the
-  default). Losses, the per-example scaling and ``weights`` are as in
-  :func:`cgfac_optax.flax.value_grad_and_stats`. Non-parameter state the
-  forward pass changes (RNG counters, batch statistics) is written back to
-  ``model``, as ``nnx.grad`` does.
-
-  With ``curvature_rows=k`` the stats are those of the batch's first ``k``
-  examples alone, as in :func:`cgfac_optax.flax.value_grad_and_stats`: for the
-  sampled Fisher, one forward and backward pass of the whole batch (loss and
-  gradients) and one forward and backward pass of the first ``k`` examples
-  (stats) instead of a second backward pass over the whole batch; for the
-  empirical Fisher, the first ``k`` rows of the one backward pass. The stats
-  equal those of this function on ``inputs``, ``targets`` and ``weights``
-  sliced to their first ``k`` examples with the same ``rng``. The subsample
-  pass starts from the model's state before the call and its state changes
-  are dropped: what is written back to ``model`` is the whole batch's, the
-  same as without ``curvature_rows``. Set ``k`` to the optimizer's
-  ``curvature_batch_size`` (512 in ``cgfac()``); :func:`nnx_curvature_model`
-  is separate and stays on the whole batch.
+  For ``optimizer.update(model, grads, **extra)`` (``nnx.Optimizer`` passes
+  ``extra`` on to ``tx.update``). The loss and gradients come from one forward
+  and one backward pass of ``model(inputs, **call_kwargs)``; ``extra`` holds
+  ``layer_stats``, ``curvature_model``, ``value`` and ``value_fn``, as for
+  :func:`cgfac_optax.flax.value_grad_and_extra` (Linen), which documents the
+  losses, the Fisher, ``weights`` and ``curvature_batch_size``. The
+  non-parameter state the loss pass changes (batch statistics, RNG counts,
+  of the model and of NNX objects among ``call_kwargs``) is written back, as
+  ``nnx.grad`` does; the other passes run on copies.
 
   Args:
-    model: the NNX module, called as ``model(inputs)``.
-    inputs: the batch's inputs.
+    model: the NNX module, called as ``model(inputs, **call_kwargs)``.
+    inputs: the batch's inputs (a pytree of arrays, leading axis the examples).
     targets: the batch's targets (see the loss kinds).
     rng: PRNG key for the sampled Fisher (required for ``fisher="sampled"``).
     loss: ``"softmax_cross_entropy"``, ``"sigmoid_binary_cross_entropy"`` or
       ``"squared_error"``.
     fisher: ``"sampled"`` (true Fisher) or ``"empirical"``.
     weights: optional per-example weights ``(examples,)``.
-    curvature_rows: ``None`` (stats of the whole batch, default) or ``k``, an
-      int from 1 to the batch size: stats of the batch's first ``k`` examples.
+    curvature_batch_size: how many of the batch's first examples feed the
+      curvature; ``None`` for all.
+    **call_kwargs: further arguments of the model's ``__call__`` (``train=True``,
+      ``rngs=nnx.Rngs(dropout=key)``), the same in every pass.
 
   Returns:
-    ``(loss, grads, stats)``: the weighted-mean loss, its gradient as an
+    ``(loss, grads, extra)``: the weighted-mean loss, its gradient as an
     ``nnx.State`` of the ``nnx.Param`` variables (like ``nnx.grad``), and the
-    stats as nested dicts keyed by each layer's path (``{"layers": {0:
-    DenseStats}}``), for ``optimizer.update(model, grads, layer_stats=stats)``.
+    keyword arguments of ``update``.
 
   Raises:
     ValueError: for an unknown loss or Fisher, targets of the wrong shape, a
       layer called inside a transformation, a model without a captured layer,
-      or ``curvature_rows`` that is not an int from 1 to the batch size.
+      or a bad ``curvature_batch_size``.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax
+    >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> import cgfac_optax as cgfac
     >>> from cgfac_optax import flax as cflax
     >>> model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
-    >>> optimizer = nnx.Optimizer(model, cgfac.cgfac(0.1, 1e-2), wrt=nnx.Param)
+    >>> optimizer = nnx.Optimizer(model, cgfac.cgfac(), wrt=nnx.Param)
     >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
-    >>> loss, grads, stats = cflax.nnx_value_grad_and_stats(model, x, y, jax.random.key(1))
-    >>> _ = optimizer.update(model, grads, layer_stats=stats)
+    >>> loss, grads, extra = cflax.nnx_value_grad_and_extra(model, x, y, jax.random.key(1))
+    >>> _ = optimizer.update(model, grads, **extra)
   """
   _losses.get_loss(loss)
   _losses.check_fisher(fisher)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  classes = {type(m) for _, m in nnx.iter_modules(model) if find_rule(m) is not None}
-
-  def forward_of(batch):
-    def forward(p, perturbations, recorder):
-      # Fresh Variables for the non-parameter state, owned by this trace, so the
-      # forward pass may update them (batch statistics, RNG counts).
-      module = nnx.merge(graphdef, p, jax.tree.map(lambda v: v, rest))
-      paths = {}
-      for path, m in nnx.iter_modules(module):
-        if find_rule(m) is not None:
-          paths[id(m)] = path
-          # A static attribute: it survives the split/merge of NNX transformations,
-          # so a copy of the layer called inside one can be named in the error.
-          setattr(m, _PATH_ATTRIBUTE, path)
-      capture = _Capture(paths, recorder, perturbations)
-      with _wrapped_calls(classes, capture):
-        outputs = module(batch)
-      _, _, new_rest = nnx.split(module, nnx.Param, ...)
-      return outputs, capture.inputs, new_rest
-
-    return forward
-
-  value, grads, stats, new_rest = _capture.run(
-    forward_of(inputs),
+  _capture.check_curvature_batch_size(curvature_batch_size)
+  engine, params, write_back = _model(model, call_kwargs)
+  value, grads, extra, changed = _capture.value_grad_and_extra(
+    engine,
     params,
+    inputs,
     targets,
     rng,
     loss=loss,
     fisher=fisher,
     weights=weights,
-    rows=curvature_rows,
-    head=lambda k: forward_of(jax.tree.map(lambda x: x[:k], inputs)),
+    curvature_batch_size=curvature_batch_size,
   )
-  nnx.update(model, new_rest)
-  return value, grads, stats
-
-
-def nnx_curvature_model(
-  model: nnx.Module, inputs: Any, *, loss: str, rows: int | None = None
-) -> CurvatureModel:
-  """The :class:`~cgfac_optax.CurvatureModel` of an NNX model on a batch's first ``rows`` examples.
-
-  Its ``outputs_fn`` takes the model's ``nnx.Param`` state (what ``nnx.Optimizer``
-  passes to ``update`` as ``params``) and runs a copy of the model with it, so the
-  model itself is not changed. Leave ``rows`` unset (the whole batch), as for
-  :func:`curvature_model`.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from cgfac_optax import flax as cflax
-    >>> model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
-    >>> cm = cflax.nnx_curvature_model(model, jnp.ones((8, 5)), loss="squared_error", rows=4)
-    >>> cm.outputs_fn(nnx.state(model, nnx.Param)).shape
-    (4, 3)
-  """
-  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-  subset = inputs if rows is None else jax.tree.map(lambda x: x[:rows], inputs)
-  return CurvatureModel(lambda p: nnx.merge(graphdef, p, rest)(subset), loss)
+  write_back(changed)
+  return value, grads, extra
