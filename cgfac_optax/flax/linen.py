@@ -240,7 +240,8 @@ class TrainState(train_state.TrainState):
     >>> variables = model.init(jax.random.key(0), x)
     >>> state = cflax.TrainState.create(apply_fn=model.apply, variables=variables, tx=cgfac.cgfac())
     >>> fn = cflax.value_grad_and_extra(model)
-    >>> loss, grads, extra = fn(state.params, x, y, jax.random.key(1), collections=state.collections)
+    >>> key = jax.random.key(1)
+    >>> loss, grads, extra = fn(state.params, x, y, key, collections=state.collections)
     >>> state = state.apply_gradients(grads=grads, **extra)
     >>> sorted(state.collections)
     ['batch_stats']
