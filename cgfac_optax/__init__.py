@@ -5,6 +5,7 @@ from cgfac_optax._cg import CGResult, batched_cg
 from cgfac_optax._control import StepControlState
 from cgfac_optax._conv import conv_output_rows, conv_patches, conv_stats
 from cgfac_optax._damping import AdaptiveDamping
+from cgfac_optax._jax_capture import value_grad_and_extra
 from cgfac_optax._layers import DenseStats
 from cgfac_optax._logging import state_scalars
 from cgfac_optax._partition import select_stats
@@ -43,4 +44,5 @@ __all__ = [
   "scale_by_cgfac",
   "select_stats",
   "state_scalars",
+  "value_grad_and_extra",
 ]
