@@ -10,6 +10,7 @@ Fisher's Kronecker factors ``A = a^T a / rows`` and ``G = g^T g / B``.
 """
 
 import pathlib
+import re
 import sys
 
 import jax
@@ -228,3 +229,220 @@ def test_factors_match_the_explicit_empirical_fisher(name):
     big_a, big_g = oracles.factors(s.inputs, s.output_grads, bias=True)
     np.testing.assert_allclose(big_a, a.T @ a / a.shape[0], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(big_g, g.T @ g / b, rtol=1e-10, atol=1e-12)
+
+
+def _assert_monte_carlo(samples, analytic):
+  """The mean of the samples within 5 standard errors of ``analytic``, elementwise, with the
+  error under 10% of the diagonal (so that a wrong scale cannot pass)."""
+  mean = samples.mean(0)
+  se = samples.std(0) / np.sqrt(samples.shape[0])
+  assert np.all(5 * np.diag(se) < 0.1 * np.abs(np.diag(analytic))), (se, analytic)
+  np.testing.assert_array_less(np.abs(mean - analytic), 5 * se + 1e-12)
+
+
+@pytest.mark.usefixtures("x64")
+def test_sampled_fisher_matches_output_fisher():
+  """Targets drawn from the model: ``E[G] = (1/B) sum_j J_j^T F_j J_j``, with ``F_j = diag(p) -
+  p p^T`` the softmax's Fisher and ``J_j`` the Jacobian of the outputs in the layer's outputs."""
+  apply_fn, params, x, t = _problem("mlp")
+  fn = cgfac.value_grad_and_extra(apply_fn, fisher="sampled")
+
+  def one(key):
+    stats = fn(params, x, t, key)[2]["layer_stats"]()
+    return {n: s.output_grads.T @ s.output_grads / x.shape[0] for n, s in stats.items()}
+
+  samples = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(7), 4000))
+  p = jax.nn.softmax(apply_fn(params, x))
+  fisher = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
+  _assert_monte_carlo(np.asarray(samples["out"]), np.asarray(fisher.mean(0)))
+  hidden, out = params["hidden"], params["out"]
+  head = lambda z: jnp.tanh(z) @ out["kernel"] + out["bias"]
+  jac = jax.vmap(jax.jacobian(head))(x @ hidden["kernel"] + hidden["bias"])
+  pulled = jnp.einsum("bki,bkl,blj->bij", jac, fisher, jac).mean(0)
+  _assert_monte_carlo(np.asarray(samples["hidden"]), np.asarray(pulled))
+
+
+@jax.jit
+def _dense(layer, x):
+  return x @ layer["kernel"] + layer["bias"]
+
+
+@jax.custom_jvp
+def _rounded(x):
+  """``round(4 x) / 4`` with a straight-through derivative: inlined, its gradient would be 0."""
+  return jnp.round(4 * x) / 4
+
+
+_rounded.defjvp(lambda primals, tangents: (_rounded(primals[0]), tangents[0]))
+
+
+@jax.custom_vjp
+def _project(x, kernel):
+  return x @ kernel
+
+
+_project.defvjp(lambda x, k: (x @ k, (x, k)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+
+
+def wrapped(params, x):
+  """Layers inside ``jax.jit``, ``jax.checkpoint`` and ``jax.custom_vjp``; ``jax.nn.relu`` and a
+  custom derivative with no layer inside."""
+  p = params
+  h = jax.nn.relu(_dense(p["jit"], x))
+  h = _rounded(h)
+  h = jax.checkpoint(lambda h: jnp.tanh(_dense(p["remat"], h)))(h)
+  h = jnp.tanh(_project(h, p["custom"]["kernel"]) + p["custom"]["bias"])
+  return h @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+@pytest.mark.usefixtures("x64")
+def test_layers_inside_calls_and_custom_rules_kept():
+  """Products inside jit, checkpoint and custom_vjp functions are captured (inlined); a custom
+  derivative with no layer inside keeps its rule (else the layer below it would get ``g = 0``)."""
+  params = _init({n: ((4, 4), (4,)) for n in ("jit", "remat", "custom")} | {"head": ((4, 3), (3,))})
+  rng = np.random.default_rng(3)
+  x, t = jnp.asarray(rng.normal(size=(5, 4))), jnp.asarray(rng.integers(0, 3, size=5))
+  fn = cgfac.value_grad_and_extra(wrapped, fisher="empirical")
+  report = fn.layers(params, x)
+  assert set(report.layers) == set(params) and not report.fallback
+  assert re.search(r"in p?jit\(_dense\)", report.layers["jit"][0])
+  _, grads, stats = jax.tree.map(np.asarray, run(fn, params, x, t))
+  per_example = jax.tree.map(np.asarray, per_example_grads(wrapped, params, x, t))
+  assert np.abs(per_example["jit"]["kernel"]).max() > 1e-3  # the straight-through rule
+  for layer, s in stats.items():
+    kernel = np.einsum("bi,bo->bio", s.inputs, s.output_grads)
+    np.testing.assert_allclose(kernel, per_example[layer]["kernel"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(kernel.mean(0), grads[layer]["kernel"], rtol=1e-9, atol=1e-12)
+
+
+def unmatched(params, x):
+  """One layer (the head) among parameters and products that are not layers."""
+  p = params
+  h = x * p["norm"]["scale"]  # not a kernel
+  h = h @ p["tied"]["kernel"].T  # a kernel in the (d_out, d_in) layout
+  scores = jnp.einsum("btd,bsd->bts", h, h)  # two activations
+  h = jnp.einsum("bts,bsd->btd", jax.nn.softmax(scores), h)
+
+  def cell(c, h_t):  # a kernel used only inside a loop
+    return jnp.tanh(c @ p["cell"]["kernel"] + h_t), None
+
+  c, _ = lax.scan(cell, jnp.zeros_like(h[:, 0]), jnp.swapaxes(h, 0, 1))
+  return c @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def _unmatched_problem():
+  rng = np.random.default_rng(0)
+  params = {
+    "norm": {"scale": jnp.ones(4)},
+    "tied": {"kernel": jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)},
+    "cell": {"kernel": jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)},
+    "head": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "bias": jnp.zeros(3)},
+  }
+  return params, jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float32), jnp.array([0, 2])
+
+
+def test_report_says_what_is_matched_and_why_not():
+  params, x, t = _unmatched_problem()
+  fn = cgfac.value_grad_and_extra(unmatched)
+  report = fn.layers(params, x)
+  assert list(report.layers) == ["head"]
+  assert report.layers["head"] == ("dot_general float32[2,4] x float32[4,3] -> float32[2,3]",)
+  assert set(report.fallback) == {"norm/scale", "tied/kernel", "cell/kernel"}
+  assert report.fallback["norm/scale"] == "not a layer's kernel or bias (used by mul)"
+  assert report.fallback["tied/kernel"] == "used by transpose"
+  assert report.fallback["cell/kernel"].startswith("used by scan (a loop or branch")
+  assert sum("both operands are activations" in line for line in report.products) == 2
+  text = str(report)
+  assert "layers (1):\n  head: dot_general" in text
+  assert "parameters left to the optimizer's fallback (3):\n  " in text
+  assert "products that are not layers (3):\n  " in text
+  # The model trains with stats for its one layer; the rest is the optimizer's fallback.
+  _, _, stats = run(fn, params, x, t, jax.random.key(0))
+  assert list(stats) == ["head"] and stats["head"].inputs.shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+  "apply_fn, message",
+  [
+    (
+      lambda p, x: x @ p["layer"]["kernel"].T,
+      "no product in the model is a layer. A layer is a dot_general",
+    ),
+    (
+      lambda p, x: jnp.tanh(x @ p["layer"]["kernel"]) + p["layer"]["bias"],
+      "layer 'layer': its bias must be added to the output of its product dot_general "
+      "float32[2,3] x float32[3,3] -> float32[2,3], but it is used by add; the optimizer would "
+      "precondition it as this layer's bias",
+    ),
+    (
+      lambda p, x: x @ p["layer"]["kernel"] + p["layer"]["bias"],
+      "layer 'layer': its bias has 1 entries but its products have 3 outputs",
+    ),
+    (
+      lambda p, x: lax.scan(
+        lambda c, _: (jnp.tanh(c @ p["layer"]["kernel"]), None),
+        x @ p["layer"]["kernel"] + p["layer"]["bias"],
+        length=2,
+      )[0],
+      "layer 'layer': its kernel is matched in dot_general float32[2,3] x float32[3,3] -> "
+      "float32[2,3] but also used by scan (a loop or branch: the products inside are not "
+      "matched), where its curvature stats cannot be captured",
+    ),
+  ],
+  ids=["no-layer", "bias-not-added", "bias-size", "layer-inside-scan"],
+)
+def test_errors_name_the_layer(apply_fn, message, request):
+  bias = jnp.zeros(1 if request.node.callspec.id == "bias-size" else 3)
+  params = {"layer": {"kernel": jnp.ones((3, 3)), "bias": bias}}
+  x, t = jnp.ones((2, 3)), jnp.array([0, 1])
+  fn = cgfac.value_grad_and_extra(apply_fn)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    fn(params, x, t, jax.random.key(0))
+
+
+def test_argument_errors():
+  with pytest.raises(TypeError, match="apply_fn must be a function"):
+    cgfac.value_grad_and_extra("model")
+  with pytest.raises(ValueError, match="loss must be one of"):
+    cgfac.value_grad_and_extra(mlp, loss="hinge")
+  with pytest.raises(ValueError, match="curvature_batch_size must be None or a positive int"):
+    cgfac.value_grad_and_extra(mlp, curvature_batch_size=0)
+  fn = cgfac.value_grad_and_extra(lambda p, x: x * p["kernel"])
+  with pytest.raises(ValueError, match="inputs must be an array or a pytree of arrays whose"):
+    fn.layers({"kernel": jnp.ones(2)}, jnp.ones(()))
+
+
+def test_training_halves_the_loss_without_recompiling(caplog):
+  """``cgfac()`` (step sizes from the quadratic model, which reads ``curvature_model``, ``value``
+  and ``value_fn`` from ``extra``) on a tiny classification problem, one compiled step."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(128, 8)), jnp.float32)
+  t = jnp.asarray(np.argmax(np.asarray(x) @ rng.normal(size=(8, 4)), axis=1))
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]), jnp.float32)
+  params = {
+    "hidden": {"kernel": normal(8, 32), "bias": jnp.zeros(32)},
+    "out": {"kernel": normal(32, 4), "bias": jnp.zeros(4)},
+  }
+  fn = cgfac.value_grad_and_extra(mlp)
+  tx = cgfac.cgfac()
+
+  @jax.jit
+  def step(params, state, key):
+    loss, grads, extra = fn(params, x, t, key)
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state, loss
+
+  compiled = lambda: [
+    r for r in caplog.records if re.search(r"compil.*jit\(step\)", r.getMessage())
+  ]
+  state, losses = tx.init(params), []
+  with jax.log_compiles(), caplog.at_level("DEBUG", logger="jax"):
+    for key in jax.random.split(jax.random.key(0), 20):
+      params, state, loss = step(params, state, key)
+      losses.append(float(loss))
+      if len(losses) == 1:
+        assert compiled(), "the first call's compilation should be logged"
+        caplog.clear()
+    assert not compiled(), caplog.text
+  assert step._cache_size() == 1
+  assert losses[-1] < 0.5 * losses[0], losses
