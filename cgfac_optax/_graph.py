@@ -240,7 +240,7 @@ class _Matcher:
       return [_Val(data=True)]
     what = f"used by {name}"
     if _jaxpr.nested(eqn):
-      what += " (a loop or branch: the products inside are not matched)"
+      what += f" (products inside {name} are not matched)"
     for x in ins:
       if x.leaf is not None:
         self._use(x.leaf, "other", None, self._where(what))

@@ -350,7 +350,7 @@ def test_report_says_what_is_matched_and_why_not():
   assert set(report.fallback) == {"norm/scale", "tied/kernel", "cell/kernel"}
   assert report.fallback["norm/scale"] == "not a layer's kernel or bias (used by mul)"
   assert report.fallback["tied/kernel"] == "used by transpose"
-  assert report.fallback["cell/kernel"].startswith("used by scan (a loop or branch")
+  assert report.fallback["cell/kernel"] == "used by scan (products inside scan are not matched)"
   assert sum("both operands are activations" in line for line in report.products) == 2
   text = str(report)
   assert "layers (1):\n  head: dot_general" in text
@@ -385,8 +385,8 @@ def test_report_says_what_is_matched_and_why_not():
         length=2,
       )[0],
       "layer 'layer': its kernel is matched in dot_general float32[2,3] x float32[3,3] -> "
-      "float32[2,3] but also used by scan (a loop or branch: the products inside are not "
-      "matched), where its curvature stats cannot be captured",
+      "float32[2,3] but also used by scan (products inside scan are not matched), where its "
+      "curvature stats cannot be captured",
     ),
   ],
   ids=["no-layer", "bias-not-added", "bias-size", "layer-inside-scan"],
@@ -446,3 +446,32 @@ def test_training_halves_the_loss_without_recompiling(caplog):
     assert not compiled(), caplog.text
   assert step._cache_size() == 1
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+def dropout_mlp(params, x, *, dropout, train):
+  h = jnp.tanh(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+  if train:  # a Python flag: it must reach apply_fn as it is
+    h = h * jax.random.bernoulli(dropout, 0.5, h.shape) / 0.5
+  return h @ params["out"]["kernel"] + params["out"]["bias"]
+
+
+@pytest.mark.usefixtures("x64")
+def test_kwargs_reach_every_pass():
+  """The stats pass draws the loss pass's dropout masks (else the rows would not give the batch
+  gradient); weights and the curvature batch size go through the engine."""
+  _, params, x, t = _problem("mlp")
+  kwargs = {"dropout": jax.random.key(5), "train": True}
+  fn = cgfac.value_grad_and_extra(dropout_mlp, fisher="empirical")
+  _, grads, stats = jax.tree.map(np.asarray, run(fn, params, x, t, **kwargs))
+  _, plain_grads, _ = run(fn, params, x, t, dropout=kwargs["dropout"], train=False)
+  assert not np.allclose(grads["out"]["kernel"], plain_grads["out"]["kernel"])
+  for layer, s in stats.items():
+    kernel = np.einsum("bi,bo->io", s.inputs, s.output_grads) / x.shape[0]
+    np.testing.assert_allclose(kernel, grads[layer]["kernel"], rtol=1e-9, atol=1e-12)
+
+  w = jnp.array([1.0, 0.0, 2.0, 1.0, 0.5, 1.0], F64)
+  fn = cgfac.value_grad_and_extra(dropout_mlp, fisher="empirical", curvature_batch_size=4)
+  loss, _, stats = run(fn, params, x, t, weights=w, **kwargs)
+  per_example = per_example_loss(dropout_mlp(params, x, **kwargs), t)
+  np.testing.assert_allclose(loss, jnp.sum(w * per_example) / jnp.sum(w), rtol=1e-12)
+  assert stats["hidden"].inputs.shape == (4, 5) and stats["out"].output_grads.shape == (4, 3)
