@@ -51,7 +51,7 @@ from cgfac_optax._layers import key_name, output_axes
 # (broadcasts make it a bias, not a kernel); what a product's output may go through before the
 # bias is added to it.
 _KERNEL_CHAIN = frozenset({"reshape", "convert_element_type"})
-_BIAS_CHAIN = frozenset({"broadcast_in_dim", "squeeze", "expand_dims"})
+_BIAS_CHAIN = frozenset({"broadcast_in_dim", "squeeze"})
 _OUTPUT_CHAIN = frozenset({"reshape", "transpose", "convert_element_type"})
 
 
@@ -114,7 +114,6 @@ class _Use(NamedTuple):
 
 class _Candidate(NamedTuple):
   loc: tuple[int, ...]
-  kernel: int
   match: Match
   what: str
   d_out: int
@@ -232,9 +231,11 @@ class _Matcher:
       return self._call(eqn, sub, ins, loc)
     if name in _jaxpr.PRODUCTS:
       return [self._product(eqn, ins, loc)]
-    if ins and ins[0].leaf is not None and name in _KERNEL_CHAIN | _BIAS_CHAIN:
+    # (A reshape with ``dimensions`` transposes first.)
+    plain = name != "reshape" or eqn.params.get("dimensions") is None
+    if plain and ins and ins[0].leaf is not None and name in _KERNEL_CHAIN | _BIAS_CHAIN:
       return [ins[0]._replace(spread=ins[0].spread or name in _BIAS_CHAIN)]
-    if ins and ins[0].product is not None and name in _OUTPUT_CHAIN:
+    if plain and ins and ins[0].product is not None and name in _OUTPUT_CHAIN:
       return [ins[0]]
     if name == "add" and self._bias(ins):
       return [_Val(data=True)]
@@ -278,7 +279,7 @@ class _Matcher:
       return _Val(data=x.data or k.data)
     inputs, output_grads, d_out = found
     match = Match(self.names[k.leaf][:-1], inputs, output_grads)
-    self.candidates.append(_Candidate(loc, k.leaf, match, what, d_out))
+    self.candidates.append(_Candidate(loc, match, what, d_out))
     self._use(k.leaf, "product", len(self.candidates) - 1, what)
     return _Val(data=True, product=len(self.candidates) - 1)
 

@@ -13,6 +13,7 @@ import pathlib
 import re
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +22,8 @@ import pytest
 from jax import lax
 
 import cgfac_optax as cgfac
+from cgfac_optax import _layers as cgfac_layers
+from cgfac_optax import flax as cflax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import oracles  # noqa: E402
@@ -475,3 +478,38 @@ def test_kwargs_reach_every_pass():
   per_example = per_example_loss(dropout_mlp(params, x, **kwargs), t)
   np.testing.assert_allclose(loss, jnp.sum(w * per_example) / jnp.sum(w), rtol=1e-12)
   assert stats["hidden"].inputs.shape == (4, 5) and stats["out"].output_grads.shape == (4, 3)
+
+
+class FlaxModel(nn.Module):
+  """Conv, self-attention (DenseGeneral projections) and Dense, from Flax."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (2, 2), strides=2, param_dtype=F64)(x))
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, param_dtype=F64)(x)
+    return nn.Dense(3, param_dtype=F64)(x.mean(1))
+
+
+@pytest.mark.usefixtures("x64")
+def test_flax_model_as_a_function_gives_the_linen_stats():
+  """``model.apply`` as a plain function: the same layers and stats as the Linen front end."""
+  model = FlaxModel()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 4, 2)))
+  t = jnp.array([0, 1, 2])
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  fn = cgfac.value_grad_and_extra(apply_fn, fisher="empirical")
+  loss, grads, stats = run(fn, params, x, t)
+  want_loss, want_grads, want_stats = run(
+    cflax.value_grad_and_extra(model, fisher="empirical"), params, x, t
+  )
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), grads, want_grads
+  )
+  got, want = cgfac_layers.flatten_stats(stats), cgfac_layers.flatten_stats(want_stats)
+  assert set(got) == set(want) and len(got) == 6
+  for layer in want:
+    for a, b in zip(got[layer], want[layer]):
+      np.testing.assert_allclose(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), atol=1e-13)
