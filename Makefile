@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-oldest lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,24 @@ lint: $(VENV)/.dev-installed
 test: lint
 	$(BIN)/python -m pytest -n 2 cgfac_optax tests
 
+# The tests at the oldest versions pyproject.toml allows (every dependency at its lower bound), in
+# a venv of their own; TESTS= narrows the run.
+OLDEST := .venv-oldest
+OLDEST_PINS = $(shell sed -n 's/^  "\(jax\|jaxlib\|optax\|flax\|chex\)>=\([0-9.]*\).*/\1==\2/p' pyproject.toml)
+
+$(OLDEST)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet --upgrade pip
+	$(OLDEST)/bin/pip install --quiet -e '.[dev]' $(OLDEST_PINS)
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -m pip list 2>/dev/null | grep -E '^(jax|jaxlib|optax|flax|chex) '
+	$(OLDEST)/bin/python -m pytest -n 2 $(or $(TESTS),cgfac_optax tests)
+
 format: $(VENV)/.dev-installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) build *.egg-info
