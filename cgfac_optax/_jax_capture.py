@@ -112,13 +112,18 @@ def value_grad_and_extra(
   The activation's first axis must be the examples axis (as many entries as
   the inputs' leading axis). The ``bias`` of a layer must be added to its
   product's output. A kernel used in several products (a layer applied twice,
-  shared weights) contributes every use. Products inside ``jax.jit``,
-  ``jax.checkpoint`` and custom-derivative functions are found; products
-  inside ``lax.scan``, ``while_loop`` and ``cond``, between two activations
-  (``q @ k.T``) or two parameters, kernels in other layouts and embeddings are
-  not layers: their parameters take the optimizer's ``fallback``.
-  ``fn.layers(params, inputs, **kwargs)`` returns a report of what is matched
-  and why the rest is not; ``print`` it.
+  shared weights) contributes every use, side by side in its stats. Products
+  inside ``jax.jit``, ``jax.checkpoint`` and custom-derivative functions are
+  found (such a function then runs inline in the statistics pass, without its
+  custom rule or rematerialization; the loss and gradient pass runs
+  ``apply_fn`` as it is, and a function with no layer inside keeps its rules).
+  Products inside ``lax.scan``, ``while_loop`` and ``cond``, between two
+  activations (``q @ k.T``) or two parameters, kernels in other layouts
+  (``x @ w.T``) and parameters not named ``kernel`` (embeddings) are not
+  layers: their parameters take the optimizer's ``fallback``, unless the same
+  kernel is also used as a layer, which raises (its stats would miss the other
+  use). ``fn.layers(params, inputs, **kwargs)`` returns a report of what is
+  matched and why the rest is not; ``print`` it.
 
   The loss and ``extra`` (``layer_stats``, ``curvature_model``, ``value`` and
   ``value_fn``) are those of :func:`cgfac_optax.flax.value_grad_and_extra`,
@@ -143,12 +148,13 @@ def value_grad_and_extra(
     inside a jitted function).
 
   Raises:
+    TypeError: for an ``apply_fn`` that is not callable.
     ValueError: for an unknown loss or Fisher or a bad ``curvature_batch_size``
-      (at construction); when called (and from ``fn.layers``), for targets of
-      the wrong shape, a model in which no product is a layer, a kernel used
-      both in a layer's product and otherwise (inside ``lax.scan``, say), or a
-      layer's bias that is not added to its product's output, each naming the
-      layer.
+      (at construction); when called, for targets of the wrong shape or a model
+      in which no product is a layer; when called and from ``fn.layers``,
+      naming the layer, for a kernel used both in a layer's product and
+      otherwise (inside ``lax.scan``, say) or a layer's bias that is not added
+      to its product's output.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
