@@ -1,56 +1,49 @@
-"""Where the time of a ``cgfac()`` step goes, on the time-to-target autoencoder.
+"""Where the time of a ``cgfac()`` step goes, per task, against Adam's step.
 
-Whole compiled training steps (as ``time_to_target.py`` runs them: same model,
-data, batch and sampled-Fisher pass), interleaved across the variants, each
-repetition ``--steps`` consecutive steps (one refresh period of the
-preconditioner's inverses by default, so the refresh is counted at its share); the median over
-repetitions of the mean step time:
+Whole compiled training steps, as ``time_to_target.py`` runs them (same task, batch and
+helpers), interleaved across the variants; each repetition runs ``--steps`` consecutive
+steps (a multiple of the curvature's update period, so the amortized parts count at their
+share); the median over repetitions of the mean step time:
 
-  ``adam``        Adam (its forward, backward and update): the reference;
-  ``cgfac``       ``cgfac()`` as it is;
-  ``direct``      ``cgfac(solver="kfac_inverse")``: the same without the CG iteration
-                  (K-FAC's factored-damping solve alone);
-  ``fixed_rate``  the default solver, curvature memory and adaptive damping with a fixed
-                  learning rate and no KL clipping: no quadratic model.
+  ``adam``            Adam: the reference;
+  ``cgfac``           ``cgfac()`` as it is;
+  ``every_step``      ``cgfac(curvature_every=1)``: the curvature statistics on every step;
+  ``fixed_rate``      ``cgfac(learning_rate=...)`` with the same solver and curvature memory:
+                      no quadratic model.
 
-The differences price the parts: ``cgfac - direct`` is the CG iteration (its two
-Kronecker products and the preconditioner's second application), ``cgfac -
-fixed_rate`` the step sizes from the quadratic model. The same run also times,
-on one batch, the model's forward pass alone and the quadratic model's Gram
-matrix of two directions (``jax.linearize`` and two Jacobian-vector products).
+and the parts of one step on one batch: ``loss_pass`` (the loss and gradients, what Adam
+computes), ``stats_pass`` (the curvature statistics: one forward pass of the curvature
+examples and one backward pass to the layer outputs), ``quadratic_model`` (the exact Fisher's
+Gram of two directions: ``jax.linearize`` of the curvature model and two Jacobian-vector
+products).
 
-Each variant's flops are XLA's own count for its compiled step
-(``Compiled.cost_analysis()``), which counts a loop's body once (CG's, one iteration
-by default: right for the default ``max_iters=1``), a conditional's costlier branch,
-and nothing for LAPACK's decompositions (the refresh's LU inverses, one step in
-``--steps``, take time the count leaves out). Counted flops over the measured step
-time give the rate the step ran at, to set against the machine's matrix-multiply rate.
+Each call's flops are XLA's count for its compiled program (``Compiled.cost_analysis()``),
+which counts a loop's body once, a conditional's costlier branch (so an amortized step counts
+its curvature update in full), and nothing for LAPACK's decompositions. The first call of
+each step, compilation included, is reported as its compile time.
 
-Run: ``python benchmarks/step_breakdown.py`` (``--tiny`` for a seconds-long check).
+Run: ``python benchmarks/step_breakdown.py --tasks resnet`` (``--tiny`` for a quick check).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
+from pathlib import Path
 
-import _common as C
+import harness as H
 import jax
-import jax.numpy as jnp
 import numpy as np
-import time_to_target as T
-from tqdm import tqdm
+import optimizers as O
+import tasks as T
 
 import cgfac_optax
-from cgfac_optax._alias import ADAPTIVE_DEFAULTS
-from cgfac_optax._quadratic import gram
 
 VARIANTS = {
-  "adam": ("adam", {"learning_rate": 3e-4}),
-  "cgfac": ("cgfac", {"learning_rate": None}),
-  "direct": ("cgfac", {"learning_rate": None, "solver": "kfac_inverse"}),
-  "fixed_rate": ("cgfac", {**ADAPTIVE_DEFAULTS, "learning_rate": 1e-3, "kl_clip": None}),
+  "adam": ("adam", None),
+  "cgfac": ("cgfac", {}),
+  "every_step": ("cgfac", {"curvature_every": 1}),
+  "fixed_rate": ("cgfac", {"learning_rate": 0.05, "kl_clip": None, "momentum": 0.9}),
 }
 
 
@@ -60,23 +53,21 @@ def interleaved(calls: dict, reps: int, n: int) -> dict[str, list[float]]:
   Each thunk returns what to wait for; repetition 0 warms up and is dropped.
   """
   times = {name: [] for name in calls}
-  with tqdm(total=reps * len(calls), desc="timing", leave=False) as bar:
-    for rep in range(reps + 1):
-      for name, call in calls.items():
-        start = time.perf_counter()
-        for _ in range(n):
-          out = call()
-        C.block(out)
-        if rep:
-          times[name].append((time.perf_counter() - start) / n)
-          bar.update()
+  for rep in range(reps + 1):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      for _ in range(n):
+        out = call()
+      jax.block_until_ready(out)
+      if rep:
+        times[name].append((time.perf_counter() - start) / n)
   return times
 
 
-def xla_gflop(compiled) -> float | None:
-  """XLA's flop count of a compiled function, in GFLOP (``None`` where the backend gives none)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
+def gflop(fn, *args) -> float | None:
+  """XLA's flop count of ``jax.jit(fn)`` on ``args``, in GFLOP (None where none is given)."""
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   flops = (cost or {}).get("flops")
   return None if flops is None or flops < 0 else flops / 1e9
@@ -84,133 +75,97 @@ def xla_gflop(compiled) -> float | None:
 
 def time_steps(task: T.Task, reps: int, steps: int) -> dict:
   """Median over ``reps`` interleaved repetitions of each variant's mean step time."""
-  compiled = T.Compiled(task, "sampled")
-  batches = T.Batches(task.x, task.y, task.batch_size, 0)
+  batches = H.Batches(*task.data[:2], task.batch_size, 0)
   data = [next(batches) for _ in range(8)]
-  key, counter, runs = jax.random.key(0), [0], {}
-  for name, (factory, settings) in tqdm(VARIANTS.items(), desc="compile", leave=False):
-    fn, tx, compile_s = compiled(factory, settings)
-    params = task.init_params(0)
-    lr = jnp.float32(settings["learning_rate"] or 0.0)
-    runs[name] = {
-      "fn": fn,
-      "carry": (params, tx.init(params)),
-      "lr": lr,
-      "compile_s": compile_s,
-      "gflop": xla_gflop(fn),
-    }
+  runs = {}
+  for name, (optimizer, settings) in VARIANTS.items():
+    settings = O.settings_for(optimizer, task.name) if settings is None else settings
+    run = O.make_run(task, O.FACTORIES[optimizer](**settings), optimizer == "cgfac")
+    state = {"carry": run.init(0), "i": 0}
+    start = time.perf_counter()
+    state["carry"], loss = run.step(state["carry"], data[0], 0)
+    jax.block_until_ready(loss)
+    runs[name] = (run, state, time.perf_counter() - start)
 
-  def step(r):
-    i = counter[0]
-    params, state, r["loss"] = r["fn"](*r["carry"], *data[i % len(data)], key, i, r["lr"])
-    r["carry"], counter[0] = (params, state), i + 1
-    return params, r["loss"]
+  def call(run, state):
+    state["i"] += 1
+    state["carry"], loss = run.step(state["carry"], data[state["i"] % len(data)], state["i"])
+    return loss
 
-  times = interleaved({name: lambda r=r: step(r) for name, r in runs.items()}, reps, steps)
+  times = interleaved({n: lambda r=r: call(r[0], r[1]) for n, r in runs.items()}, reps, steps)
   adam = np.array(times["adam"])
   return {
     name: {
-      "step_s": C.median(times[name]),
-      "ratio_to_adam": C.median(np.array(times[name]) / adam),
-      "compile_s": r["compile_s"],
-      "gflop": r["gflop"],
-      "last_training_loss": float(r["loss"]),
+      "step_s": H.median(times[name]),
+      "ratio_to_adam": H.median(list(np.array(times[name]) / adam)),
+      "first_step_s": runs[name][2],
       "times_s": times[name],
     }
-    for name, r in runs.items()
+    for name in runs
   }
 
 
-def time_quadratic_model(task: T.Task, reps: int, calls: int) -> dict:
-  """The forward pass alone and the quadratic model's 2x2 Gram, on one batch."""
-  params = task.init_params(0)
-  x = jnp.asarray(task.x[: task.batch_size])
-  model = cgfac_optax.CurvatureModel(lambda p: C.forward(task.layers, p, x)[0], task.loss)
+def time_parts(task: T.Task, reps: int, calls: int) -> dict:
+  """The loss pass, the stats pass and the quadratic model's Gram, on one batch."""
+  params, state = task.init(0)
+  x, y = (np.asarray(a[: task.batch_size]) for a in task.data[:2])
+  key = jax.random.key(0)
+  helper = O.value_grad_and_extra(task)
+  extra = helper(params, state, x, y, key)[2]
+  model = extra["curvature_model"]
   keys = jax.random.split(jax.random.key(1), 2)
-  u, v = [
-    jax.tree.map(lambda a, k=k: 1e-2 * jax.random.normal(k, a.shape, a.dtype), params) for k in keys
-  ]
-  # Compiled once, ahead of time: the same executables are timed and counted.
-  forward = jax.jit(model.outputs_fn).lower(params).compile()
-  gram_of_two = jax.jit(lambda p, u, v: gram(model, p, [u, v])).lower(params, u, v).compile()
-  calls_by_name = {"forward": (forward, (params,)), "gram_of_two": (gram_of_two, (params, u, v))}
-  times = interleaved(
-    {n: lambda f=f, a=a: f(*a) for n, (f, a) in calls_by_name.items()}, reps, calls
-  )
+  u, v = (jax.tree.map(lambda a, k=k: 1e-2 * jax.random.normal(k, a.shape), params) for k in keys)
+
+  def loss_pass(params, state, x, y):
+    fn = lambda p: T.mean_loss(task, p, state, x, y)
+    return jax.value_and_grad(fn, has_aux=True)(params)
+
+  def stats_pass(params, state, x, y, key):
+    return helper(params, state, x, y, key)[2]["layer_stats"]()
+
+  def quadratic_model(params, u, v):
+    outputs, jvp = jax.linearize(model.outputs_fn, params)
+    return outputs, jvp(u), jvp(v)
+
+  parts = {
+    "loss_pass": (loss_pass, (params, state, x, y)),
+    "stats_pass": (stats_pass, (params, state, x, y, key)),
+    "quadratic_model": (quadratic_model, (params, u, v)),
+  }
+  compiled = {n: jax.jit(f) for n, (f, _) in parts.items()}
+  times = interleaved({n: lambda n=n: compiled[n](*parts[n][1]) for n in parts}, reps, calls)
   return {
-    name: {"call_s": C.median(t), "gflop": xla_gflop(calls_by_name[name][0]), "times_s": t}
-    for name, t in times.items()
+    n: {"call_s": H.median(t), "gflop": gflop(*parts[n]), "times_s": t} for n, t in times.items()
   }
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--task", default="autoencoder-fashion", help="a time_to_target.py task")
-  parser.add_argument("--batch-size", type=int, default=512)
-  parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median)")
-  parser.add_argument("--steps", type=int, default=None, help="default: refresh_every")
-  parser.add_argument("--out", default=None, help="output folder (default $OUT or results/)")
-  parser.add_argument("--tiny", action="store_true", help="small model, seconds-long check")
+  parser.add_argument("--tasks", nargs="+", default=list(T.TASKS), choices=T.TASKS)
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=20, help="consecutive steps per repetition")
+  parser.add_argument("--out", type=Path, default=H.RESULTS / "step_breakdown")
+  parser.add_argument("--tiny", action="store_true")
   args = parser.parse_args(argv)
-  args.out = args.out or os.environ.get("OUT") or None
-  args.steps = args.steps or ADAPTIVE_DEFAULTS["refresh_every"]
   if args.tiny:
-    args.task = "autoencoder-mnist"
-    args.batch_size, args.reps, args.steps = 64, 1, 2
-
-  load_start = os.getloadavg()
-  info = C.environment()
-  C.print_environment(info)
-  task = T.Task(args.task, args.tiny, args.batch_size, 512 if args.tiny else None)
-  steps = time_steps(task, args.reps, args.steps)
-  parts = time_quadratic_model(task, args.reps, args.steps)
-  info["load_average_start"] = list(load_start)
-  info["load_average_end"] = list(os.getloadavg())
-
-  ms = {name: 1e3 * r["step_s"] for name, r in steps.items()}
-  gf = {name: r["gflop"] for name, r in steps.items()}
-  gf.update({name: r["gflop"] for name, r in parts.items()})
-  ms.update({name: 1e3 * r["call_s"] for name, r in parts.items()})
-
-  def minus(a, b):
-    return None if gf[a] is None or gf[b] is None else gf[a] - gf[b]
-
-  def row(label, t, flop, ratio=None, compile_s=None):
-    rate = None if flop is None or t <= 0 else flop / (t / 1e3)
-    return [label, t, ratio, flop, rate, compile_s]
-
-  rows = [row(n, ms[n], gf[n], r["ratio_to_adam"], r["compile_s"]) for n, r in steps.items()]
-  rows += [
-    row("CG iteration (cgfac - direct)", ms["cgfac"] - ms["direct"], minus("cgfac", "direct")),
-    row(
-      "quadratic model (cgfac - fixed_rate)",
-      ms["cgfac"] - ms["fixed_rate"],
-      minus("cgfac", "fixed_rate"),
-    ),
-    row("forward pass alone", ms["forward"], gf["forward"]),
-    row("Gram of two directions alone", ms["gram_of_two"], gf["gram_of_two"]),
-  ]
-  table = C.format_table(["step or part", "ms", "x Adam", "GFLOP", "GFLOP/s", "compile s"], rows)
-  print(f"### {args.task}, batch {args.batch_size}, {args.steps} steps a repetition\n\n{table}\n")
-  print(f"load average {load_start} -> {info['load_average_end']}")
-  payload = {
-    "environment": info,
-    "settings": vars(args),
-    "variants": {k: {"optimizer": f, "settings": s} for k, (f, s) in VARIANTS.items()},
-    "steps": steps,
-    "parts": parts,
-    "table": table,
-  }
-  path = C.write_json("step_breakdown", payload, args.out)
-  fig, (ax,) = C.new_figure(1, width=6.5)
-  names = [r[0] for r in rows]
-  ax.barh(names, [r[1] for r in rows], color=["tab:blue"] * len(steps) + ["tab:orange"] * 4)
-  ax.set_xlabel(f"ms ({info['device']}, {info['cpu_count']} cores)")
-  ax.set_title(f"{args.task}: step time and its parts", fontsize=9)
-  ax.invert_yaxis()
-  png = C.save_figure(fig, "step_breakdown", args.out)
-  print(f"wrote {path} and {png}")
-  return payload
+    args.reps, args.steps = 1, 2
+  info = H.environment(cgfac_optax=cgfac_optax)
+  H.print_environment(info)
+  results = {}
+  for name in args.tasks:
+    task = T.make(name, args.tiny)
+    steps, parts = time_steps(task, args.reps, args.steps), time_parts(task, args.reps, args.steps)
+    results[name] = {"description": task.description, "steps": steps, "parts": parts}
+    rows = [[n, 1e3 * s["step_s"], s["ratio_to_adam"], s["first_step_s"]] for n, s in steps.items()]
+    print(f"\n{task.description}, batch {task.batch_size}\n")
+    print(H.format_table(["step", "ms", "x Adam", "first call s"], rows))
+    rows = [[n, 1e3 * p["call_s"], p["gflop"]] for n, p in parts.items()]
+    print("\n" + H.format_table(["part", "ms", "GFLOP"], rows))
+  info["load_average_end"] = H.load_average()
+  print(f"\nload average {info['load_average']} -> {info['load_average_end']}")
+  path = H.write_json("step_breakdown", {"environment": info, "tasks": results}, args.out)
+  print(f"wrote {path}")
+  return results
 
 
 if __name__ == "__main__":
