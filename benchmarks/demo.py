@@ -254,7 +254,11 @@ def parse_args(argv):
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="output folder")
   parser.add_argument("--eval-every", type=int, default=5, help="steps between evaluations")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+  parser.add_argument(
+    "--no-progress",
+    action="store_true",
+    help="hide the progress bars (shown only when the output is a terminal)",
+  )
   args = parser.parse_args(argv)
   if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.max_seconds <= 0:
     parser.error("--steps, --batch-size, --eval-every must be >= 1 and --max-seconds > 0")
@@ -263,7 +267,8 @@ def parse_args(argv):
 
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
-  if args.no_progress:
+  # Bars redrawn into a log file or a pipe would flood it: only a terminal shows them.
+  if args.no_progress or not sys.stdout.isatty():
     from tqdm import tqdm
 
     progress = lambda **kw: tqdm(disable=True, **kw)
