@@ -55,14 +55,10 @@ nitpick_ignore = [("py:func", "default_skip")]  # cgfac_optax._cg.default_skip
 
 
 def _drop_type_docstring(app, what, name, obj, options, lines):
-  """A module-level value without its own docs (``cgfac_optax.flax.RULES``, a dict) would show
-  its type's docstring; the page says what the value is instead."""
-  if (
-    what == "data"
-    and lines
-    and type(obj).__doc__
-    and "\n".join(lines).strip() in (type(obj).__doc__.strip())
-  ):
+  """A module-level value without docs of its own (``cgfac_optax.flax.RULES``, a dict) would
+  show its type's docstring; the API page says what the value is instead."""
+  type_doc = (type(obj).__doc__ or "").strip()
+  if what == "data" and type_doc and "\n".join(lines).strip() in type_doc:
     lines.clear()
 
 
