@@ -53,10 +53,9 @@ def test_uses_public_api_only():
 _REAL_FIND_SPEC = importlib.util.find_spec
 
 
-def _run_install_cell(monkeypatch, *, colab: bool, installed: bool, pip_returncode: int = 0):
-  """Runs the first cell with Colab, the installed package and pip faked; returns pip's calls."""
+def _run_install_cell(monkeypatch, *, installed: bool, source=None, pip_returncode: int = 0):
+  """Runs the first cell with find_spec, the source and pip faked; returns pip's calls."""
   import subprocess
-  import types
 
   calls = []
 
@@ -65,10 +64,10 @@ def _run_install_cell(monkeypatch, *, colab: bool, installed: bool, pip_returnco
     return subprocess.CompletedProcess(cmd, pip_returncode, "", "ERROR: No matching distribution")
 
   monkeypatch.setattr(subprocess, "run", fake_run)
-  if colab:
-    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+  if source is None:
+    monkeypatch.delenv("CGFAC_OPTAX_SOURCE", raising=False)
   else:
-    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.setenv("CGFAC_OPTAX_SOURCE", str(source))
   real_find_spec = _REAL_FIND_SPEC
   monkeypatch.setattr(
     importlib.util,
@@ -83,21 +82,36 @@ def _run_install_cell(monkeypatch, *, colab: bool, installed: bool, pip_returnco
   return calls
 
 
-def test_install_cell_installs_the_named_source_only_in_colab(monkeypatch):
+def test_install_cell_installs_only_what_is_missing(monkeypatch):
   first = _code(_read())[0]
-  assert '"google.colab" in sys.modules' in first
-  # The source is a variable at the top, by default the package index name with the demo extras.
-  assert re.search(r'^SOURCE = "cgfac_optax\[demo\]"$', first, re.M)
   assert "github.com" not in first
-  assert _run_install_cell(monkeypatch, colab=False, installed=False) == []
-  assert _run_install_cell(monkeypatch, colab=True, installed=True) == []
-  calls = _run_install_cell(monkeypatch, colab=True, installed=False)
-  assert calls == [[sys.executable, "-m", "pip", "install", "--quiet", "cgfac_optax[demo]"]]
-  # When pip fails (not published yet, a wrong source), the message says what to set.
+  assert _run_install_cell(monkeypatch, installed=True) == []
+  assert _run_install_cell(monkeypatch, installed=True, source="/nowhere") == []
+
+
+def test_install_cell_installs_from_the_index_or_the_source_it_is_given(monkeypatch, tmp_path):
+  pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+  # Not set: the package index.
+  assert _run_install_cell(monkeypatch, installed=False) == [[*pip, "cgfac_optax[demo]"]]
+  # A wheel or a checkout: installed from that path, with the demo extras.
+  wheel = tmp_path / "cgfac_optax-0.1.0-py3-none-any.whl"
+  wheel.touch()
+  for path in (wheel, tmp_path):
+    calls = _run_install_cell(monkeypatch, installed=False, source=path)
+    assert calls == [[*pip, f"cgfac_optax[demo] @ {path.resolve().as_uri()}"]]
+  # Anything else goes to pip as it is (a URL).
+  url = "cgfac_optax[demo] @ https://example.org/cgfac_optax.tar.gz"
+  assert _run_install_cell(monkeypatch, installed=False, source=url) == [[*pip, url]]
+
+
+def test_install_cell_says_what_to_set_when_pip_fails(monkeypatch, tmp_path):
+  # Not published yet (or offline): the message says what to set, and pip's own error.
   with pytest.raises(
-    RuntimeError, match=r"(?s)SOURCE = 'cgfac_optax\[demo\]'.*No matching.*set SOURCE"
+    RuntimeError, match=r"(?s)from the package index.*No matching.*Set .*CGFAC_OPTAX_SOURCE"
   ):
-    _run_install_cell(monkeypatch, colab=True, installed=False, pip_returncode=1)
+    _run_install_cell(monkeypatch, installed=False, pip_returncode=1)
+  with pytest.raises(RuntimeError, match=r"(?s)from CGFAC_OPTAX_SOURCE='/nowhere/x.whl'.*Set "):
+    _run_install_cell(monkeypatch, installed=False, source="/nowhere/x.whl", pip_returncode=1)
 
 
 @pytest.mark.slow

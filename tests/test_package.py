@@ -1,4 +1,4 @@
-"""The package builds a wheel and an sdist a package index takes, and the wheel imports.
+"""The package builds a wheel and an sdist a package index takes, and the wheel installs and runs.
 
 ``python -m build --no-isolation`` (the ``build`` and ``setuptools`` of the dev extra) runs on a
 copy of the files the package is made of, so the checkout gets no ``build/`` or ``egg-info``.
@@ -7,11 +7,13 @@ copy of the files the package is made of, so the checkout gets no ``build/`` or 
 from __future__ import annotations
 
 import email
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
@@ -27,7 +29,7 @@ VERSION = cgfac_optax.__version__
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory) -> Path:
   src = tmp_path_factory.mktemp("src")
-  for name in ("pyproject.toml", "README.md"):
+  for name in ("pyproject.toml", "README.md", "LICENSE"):
     shutil.copy(ROOT / name, src / name)
   shutil.copytree(
     ROOT / "cgfac_optax", src / "cgfac_optax", ignore=shutil.ignore_patterns("__pycache__")
@@ -62,6 +64,8 @@ def test_wheel_holds_the_package_and_its_metadata(dist):
   assert meta["Name"] == "cgfac_optax" and meta["Version"] == VERSION
   assert meta["Requires-Python"] == ">=3.10"
   assert meta["License-Expression"] == "Apache-2.0"
+  assert meta["License-File"] == "LICENSE"
+  assert f"cgfac_optax-{VERSION}.dist-info/licenses/LICENSE" in names
   assert meta["Description-Content-Type"] == "text/markdown"
   assert meta.get_payload().strip() == (ROOT / "README.md").read_text().strip()
   classifiers = meta.get_all("Classifier")
@@ -78,7 +82,7 @@ def test_wheel_holds_the_package_and_its_metadata(dist):
 def test_sdist_builds_the_same_package(dist):
   with tarfile.open(dist / f"cgfac_optax-{VERSION}.tar.gz") as tar:
     names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-  assert {"pyproject.toml", "README.md", "PKG-INFO"} <= names
+  assert {"pyproject.toml", "README.md", "LICENSE", "PKG-INFO"} <= names
   assert _sources() <= names
 
 
@@ -96,3 +100,36 @@ def test_wheel_imports_on_its_own(dist, tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert Path(proc.stdout.strip()).resolve().is_relative_to(tmp_path.resolve())
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_fresh_venv_and_runs_the_readme_example(dist, tmp_path):
+  # A fresh venv with the wheel alone; jax and the other dependencies come from this
+  # environment's site-packages through a .pth file, so nothing is downloaded. Directories a .pth
+  # file adds are not scanned for .pth files, so this environment's editable install of the
+  # checkout (a .pth file and a finder in its site-packages) stays out.
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+  python = venv / "bin" / "python"
+  wheel = dist / f"cgfac_optax-{VERSION}-py3-none-any.whl"
+  pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet"]
+  subprocess.run([*pip, "--no-deps", "--no-index", str(wheel)], check=True)
+  purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+  site = Path(subprocess.check_output([python, "-c", purelib], text=True).strip())
+  ours = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+  (site / "dev-environment.pth").write_text("\n".join(sorted(ours)) + "\n")
+
+  example = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
+  where = "import json, sys, cgfac_optax.flax; print(json.dumps([cgfac_optax.__file__, sys.path]))"
+  script = tmp_path / "example.py"
+  script.write_text(f"{example}\n{where}\n")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  proc = subprocess.run(
+    [python, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  package, path = json.loads(proc.stdout.splitlines()[-1])
+  assert Path(package).resolve().is_relative_to(site.resolve()), package
+  assert not any(p and Path(p).resolve() == ROOT for p in path), path
+  first, last = map(float, re.search(r"loss (\S+) -> (\S+)", proc.stdout).groups())
+  assert last < 0.5 * first, proc.stdout
