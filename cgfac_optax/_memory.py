@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from cgfac_optax._solvers import sketch
-from cgfac_optax._solvers._base import FactorCurvature, Factors, factors
+from cgfac_optax._solvers._base import ACCURATE, Arithmetic, FactorCurvature, Factors, factors
 
 
 class LayerMemory(NamedTuple):
@@ -66,14 +66,21 @@ def widths(memory: LayerMemory | sketch.SketchMemory) -> tuple[int, int]:
   return memory.factors.a.shape[0], memory.factors.g.shape[0]
 
 
-def batch_curvature(solver, rows, damping, *, sketch_rank: int = sketch.DEFAULT_RANK):
+def batch_curvature(
+  solver,
+  rows,
+  damping,
+  *,
+  sketch_rank: int = sketch.DEFAULT_RANK,
+  arithmetic: Arithmetic = ACCURATE,
+):
   """What ``solver.prepare`` takes, from this batch's rows alone (no memory)."""
   if solver.curvature == "rows":
     return rows
   if solver.curvature == "sketch":
     empty = sketch.init(rows.a.shape[1], rows.g.shape[1], sketch_rank, rows.a.dtype)
-    return sketch.update_memory(empty, rows, 0.0)
-  f = factors(rows)
+    return sketch.update_memory(empty, rows, 0.0, arithmetic)
+  f = factors(rows, arithmetic)
   return FactorCurvature(f, None if solver.refresh is None else solver.refresh(f, damping))
 
 
@@ -90,10 +97,11 @@ def average(previous: Factors, batch: Factors, decay, count: jax.Array) -> Facto
 
 
 def update_sketch(
-  memory: sketch.SketchMemory, rows, decay, count: jax.Array
+  memory: sketch.SketchMemory, rows, decay, count: jax.Array, arithmetic: Arithmetic
 ) -> sketch.SketchMemory:
   """The sketches of the running averages after this step's rows."""
-  return sketch.update_memory(memory, rows, decay_at(decay, count, memory.a.q.dtype))
+  beta = decay_at(decay, count, memory.a.q.dtype)
+  return sketch.update_memory(memory, rows, beta, arithmetic)
 
 
 def refresh_due(count: jax.Array, refresh_every) -> jax.Array:

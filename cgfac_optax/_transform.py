@@ -46,8 +46,7 @@ from cgfac_optax._layers import Layer
 from cgfac_optax._mesh import auto_axes_on_explicit_mesh
 from cgfac_optax._options import CGSkip, CurvatureDtype, Fallback, Preconditioner, SolverOption
 from cgfac_optax._solvers import SOLVERS, Solver, sketch
-from cgfac_optax._solvers import _base as _arithmetic
-from cgfac_optax._solvers._base import FactorCurvature, MatmulPrecision
+from cgfac_optax._solvers._base import Arithmetic, FactorCurvature, MatmulPrecision, arithmetic_for
 from cgfac_optax._solvers._base import factors as _factors
 
 
@@ -118,17 +117,29 @@ class _Written(NamedTuple):
 
 
 def _curvature(
-  method: Solver, rows, memory, damping, count, *, curvature_decay, refresh_every, sketch_rank
+  method: Solver,
+  rows,
+  memory,
+  damping,
+  count,
+  arithmetic: Arithmetic,
+  *,
+  curvature_decay,
+  refresh_every,
+  sketch_rank,
 ):
   """What the solver prepares from, and the layer's memory after this step."""
   if method.curvature == "rows" or memory is None:
-    return _memory.batch_curvature(method, rows, damping, sketch_rank=sketch_rank), None
+    curvature = _memory.batch_curvature(
+      method, rows, damping, sketch_rank=sketch_rank, arithmetic=arithmetic
+    )
+    return curvature, None
   if method.curvature == "sketch":
-    memory = _memory.update_sketch(memory, rows, curvature_decay, count)
+    memory = _memory.update_sketch(memory, rows, curvature_decay, count, arithmetic)
     return memory, memory
   memory = _memory.update(
     memory,
-    _factors(rows),
+    _factors(rows, arithmetic),
     damping,
     count,
     decay=curvature_decay,
@@ -145,6 +156,7 @@ def _build_system(
   gamma,
   memory,
   count,
+  arithmetic: Arithmetic,
   *,
   solver,
   curvature_batch_size,
@@ -173,6 +185,7 @@ def _build_system(
     memory,
     gamma,
     count,
+    arithmetic,
     curvature_decay=curvature_decay,
     refresh_every=refresh_every,
     sketch_rank=sketch_rank,
@@ -184,7 +197,7 @@ def _build_system(
     _layers.as_matrix(grads, layer, dtype),
     start if warm_start else jnp.zeros_like(start),
   )
-  return _System(layer, method, method.prepare(curvature, gamma), unit, memory)
+  return _System(layer, method, method.prepare(curvature, gamma, arithmetic), unit, memory)
 
 
 def _solve(
@@ -798,20 +811,21 @@ def scale_by_cgfac(
     gamma = _control.damping_now(damping, state.control, state.count)
     memory = state.curvature or {}
 
-    matmuls = precision or _arithmetic.default_precision(jax.default_backend())
-    with _arithmetic.arithmetic(matmuls, curvature_dtype):
-      systems = [
-        _build_system(layer, grads, warm, gamma, memory.get(layer.path), state.count, **build)
-        for layer in layers
-      ]
-      solutions = _solve(
-        systems,
-        max_iters=max_iters,
-        tol=tol,
-        preconditioner=preconditioner,
-        warm_start=warm_start,
-        cg_skip=cg_skip,
+    arithmetic = arithmetic_for(precision, curvature_dtype, jax.default_backend())
+    systems = [
+      _build_system(
+        layer, grads, warm, gamma, memory.get(layer.path), state.count, arithmetic, **build
       )
+      for layer in layers
+    ]
+    solutions = _solve(
+      systems,
+      max_iters=max_iters,
+      tol=tol,
+      preconditioner=preconditioner,
+      warm_start=warm_start,
+      cg_skip=cg_skip,
+    )
     solutions = [_check_memory(s, x) for s, x in zip(systems, solutions)]
     lr = _control.at_count(learning_rate, state.count)
     options_ok = _control.traced_options_ok(
