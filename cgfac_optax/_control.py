@@ -179,3 +179,19 @@ def adapted_damping(
     return _damping.adapt(damping, jnp.asarray(value, jnp.float32), loss_after, predicted, options)
 
   return jax.lax.cond(count % options.interval == 0, adapt, lambda: damping)
+
+
+def next_damping(damping, state: StepControlState, count, gamma, step, value, value_fn):
+  """A schedule's value (the last good one if not finite), or the adapted damping.
+
+  ``step`` is the policy's :class:`~cgfac_optax._policy.Step`. Adaptive damping is
+  also raised, by one adaptation's factor, on any step the quadratic model's step
+  had to be shortened: the model was trusted too far.
+  """
+  current = jnp.asarray(gamma, jnp.float32)
+  current = jnp.where(jnp.isfinite(current), current, state.damping)
+  if not isinstance(damping, AdaptiveDamping) or step.probe is None:
+    return current
+  adapted = adapted_damping(damping, count, current, value, value_fn, step.probe, step.predicted)
+  raised = jnp.clip(current / damping.factor, damping.minimum, damping.maximum)
+  return jnp.where(step.shortened, jnp.maximum(adapted, raised), adapted)

@@ -79,6 +79,16 @@ def check_int_or_array(name: str, value: Any, minimum: int) -> None:
   check_int(name, value, minimum)
 
 
+def check_static_int(name: str, value: Any, why: str) -> None:
+  """An int ``>= 1`` that must stay a Python value (it decides shapes or choices at trace time)."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    raise ValueError(
+      f"{name} {why} and must be a Python int, got {value!r}; "
+      f"under optax.inject_hyperparams pass static_args=({name!r},)"
+    )
+  check_int(name, value, 1)
+
+
 def check_solver(solver: Any) -> None:
   """A ``solver`` option: a name in the solver table, ``"auto"`` or ``{layer path: name}``."""
   allowed = (*SOLVERS, "auto")
@@ -93,39 +103,22 @@ def check_solver(solver: Any) -> None:
     )
 
 
-def validate(
-  *,
-  damping,
-  adaptive: bool,
-  max_iters,
-  tol,
-  solver,
-  curvature_batch_size,
-  preconditioner,
-  learning_rate,
-  kl_clip,
-  fallback,
-  fallback_decay,
-  curvature_decay,
-  refresh_every,
-  adaptive_step,
-  sketch_rank=64,
-  precision=None,
-  curvature_dtype=None,
-  cg_skip=None,
-) -> None:
-  """Checks every option of :func:`scale_by_cgfac` that is a Python value."""
-  if not callable(damping):
-    check_number("damping", damping, lambda d: d > 0, "> 0")
-  check_int_or_array("max_iters", max_iters, 1)
-  check_number("tol", tol, lambda t: t >= 0, ">= 0")
-  check_number(
-    "tol", tol, lambda t: t < 1, "< 1 (CG stops before its first iteration when tol >= 1)"
-  )
-  check_solver(solver)
-  check_int("curvature_batch_size", curvature_batch_size, 1, optional=True)
-  if preconditioner not in PRECONDITIONERS:
-    raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+def batch_only(curvature_decay, refresh_every) -> bool:
+  """Whether the options say, as Python values, that no layer keeps curvature memory."""
+  refresh_each_step = is_int(refresh_every) and refresh_every == 1
+  return refresh_each_step and is_number(curvature_decay) and curvature_decay == 0
+
+
+def memory_requested(curvature_decay, refresh_every) -> bool:
+  """Whether the options ask, as Python values, for curvature memory."""
+  decays = is_number(curvature_decay) and curvature_decay > 0
+  return decays or (is_int(refresh_every) and refresh_every > 1)
+
+
+def _check_step_control(damping, learning_rate, kl_clip, adaptive_step) -> None:
+  from cgfac_optax._damping import AdaptiveDamping  # it checks its own fields with this module
+
+  adaptive = isinstance(damping, AdaptiveDamping)
   if kl_clip is not None:
     check_number("kl_clip", kl_clip, lambda k: k > 0, "None or > 0")
   if learning_rate is not None and adaptive and not adaptive_step:
@@ -145,22 +138,61 @@ def validate(
       f"{needs} needs the learning rate that the chain applies after scale_by_cgfac: "
       "pass scale_by_cgfac(..., learning_rate=lr) (cgfac_optax.cgfac does this)"
     )
-  if fallback not in FALLBACKS:
-    raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+
+
+def _check_choices(**options) -> None:
+  """Options that take one of a few values."""
+  allowed = {
+    "preconditioner": PRECONDITIONERS,
+    "fallback": FALLBACKS,
+    "precision": PRECISIONS,
+    "curvature_dtype": CURVATURE_DTYPES,
+    "cg_skip": (None, *SKIPS),
+  }
+  for name, value in options.items():
+    if value not in allowed[name]:
+      raise ValueError(f"{name} must be one of {allowed[name]}, got {value!r}")
+
+
+def validate(
+  *,
+  damping,
+  max_iters,
+  tol,
+  solver,
+  warm_start,
+  curvature_batch_size,
+  preconditioner,
+  learning_rate,
+  kl_clip,
+  fallback,
+  fallback_decay,
+  curvature_decay,
+  refresh_every,
+  sketch_rank,
+  adaptive_step,
+  precision,
+  curvature_dtype,
+  cg_skip,
+) -> None:
+  """Checks every option of :func:`scale_by_cgfac` that is a Python value."""
+  if not callable(damping):
+    check_number("damping", damping, lambda d: d > 0, "> 0")
+  check_int_or_array("max_iters", max_iters, 1)
+  check_number("tol", tol, lambda t: t >= 0, ">= 0")
+  check_number(
+    "tol", tol, lambda t: t < 1, "< 1 (CG stops before its first iteration when tol >= 1)"
+  )
+  check_solver(solver)
+  check_int("curvature_batch_size", curvature_batch_size, 1, optional=True)
+  _check_choices(preconditioner=preconditioner)
+  _check_step_control(damping, learning_rate, kl_clip, adaptive_step)
+  _check_choices(fallback=fallback)
   if isinstance(fallback_decay, bool):
     raise ValueError(f"fallback_decay must be a float in [0, 1), got {fallback_decay!r}")
   check_number("fallback_decay", fallback_decay, lambda b: 0 <= b < 1, "a float in [0, 1)")
   check_number("curvature_decay", curvature_decay, lambda b: 0 <= b < 1, "in [0, 1)")
   check_int_or_array("refresh_every", refresh_every, 1)
-  if isinstance(sketch_rank, (jax.Array, np.ndarray)):
-    raise ValueError(
-      f"sketch_rank sets the shapes of the sketches and must be a Python int, got {sketch_rank!r}; "
-      "under optax.inject_hyperparams pass static_args=('sketch_rank',)"
-    )
-  check_int("sketch_rank", sketch_rank, 1)
-  if precision not in PRECISIONS:
-    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-  if curvature_dtype not in CURVATURE_DTYPES:
-    raise ValueError(f"curvature_dtype must be one of {CURVATURE_DTYPES}, got {curvature_dtype!r}")
-  if cg_skip not in (None, *SKIPS):
-    raise ValueError(f"cg_skip must be one of {(None, *SKIPS)}, got {cg_skip!r}")
+  if sketch_rank is not None:
+    check_static_int("sketch_rank", sketch_rank, "sets the shapes of the sketches")
+  _check_choices(precision=precision, curvature_dtype=curvature_dtype, cg_skip=cg_skip)

@@ -95,6 +95,11 @@ class Solver(NamedTuple):
   def iterative(self) -> bool:
     return self.operator is not None
 
+  @property
+  def keeps_memory(self) -> bool:
+    """Whether it can keep curvature memory (averaged factors or sketches) between steps."""
+    return self.curvature != "rows"
+
 
 MatmulPrecision = Literal["default", "high", "highest"]
 
