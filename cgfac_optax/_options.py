@@ -32,7 +32,9 @@ CURVATURE_DTYPES = (None, *get_args(CurvatureDtype))
 
 CGSkip = Skip
 
-# A solver name (a key of SOLVERS), "auto", or {layer path: either}.
+# A solver name (a key of SOLVERS), a rule that picks one per layer, or {layer path: either}.
+SolverRule = Literal["auto", "auto_memory"]
+RULES: tuple[str, ...] = get_args(SolverRule)
 SolverOption = str | Mapping[str, str]
 
 
@@ -90,16 +92,18 @@ def check_static_int(name: str, value: Any, why: str) -> None:
 
 
 def check_solver(solver: Any) -> None:
-  """A ``solver`` option: a name in the solver table, ``"auto"`` or ``{layer path: name}``."""
-  allowed = (*SOLVERS, "auto")
+  """A ``solver`` option: a name in the solver table, a rule, or ``{layer path: either}``."""
+  allowed = (*SOLVERS, *RULES)
   if isinstance(solver, Mapping):
     bad = {p: s for p, s in solver.items() if s not in allowed}
     if bad:
-      raise ValueError(f"solver values must be 'auto' or one of {list(SOLVERS)}, got {bad!r}")
+      raise ValueError(
+        f"solver values must be 'auto', 'auto_memory' or one of {list(SOLVERS)}, got {bad!r}"
+      )
   elif not isinstance(solver, str) or solver not in allowed:
     raise ValueError(
-      f"solver must be 'auto', one of {list(SOLVERS)}, or a dict of them by layer path, "
-      f"got {solver!r}"
+      f"solver must be 'auto', one of {list(SOLVERS)}, or a dict of them by layer path (the "
+      f"rule 'auto_memory' is accepted too), got {solver!r}"
     )
 
 
@@ -170,6 +174,7 @@ def validate(
   curvature_decay,
   refresh_every,
   sketch_rank,
+  memory_limit,
   adaptive_step,
   precision,
   curvature_dtype,
@@ -195,4 +200,6 @@ def validate(
   check_int_or_array("refresh_every", refresh_every, 1)
   if sketch_rank is not None:
     check_static_int("sketch_rank", sketch_rank, "sets the shapes of the sketches")
+  if memory_limit is not None:
+    check_static_int("memory_limit", memory_limit, "chooses the solvers when tracing")
   _check_choices(precision=precision, curvature_dtype=curvature_dtype, cg_skip=cg_skip)

@@ -3,7 +3,8 @@
 Pure stages over the layers with stats, each taking what the one before returned:
 
 1. **match** the stats to the gradients' kernels and biases (:mod:`._layers`);
-2. **build** each layer's damped system: its solver (chosen per layer), the
+2. **build** each layer's damped system: its solver (chosen per layer by
+   :func:`cgfac_optax._plan.choose` and refused if its memory does not fit), the
    solver's curvature data (:mod:`._memory`), and the right-hand side and warm
    start scaled by an exact power of two (:mod:`._finite`);
 3. **solve** every system: the iterative ones together in one batched CG
@@ -29,7 +30,7 @@ import optax
 from cgfac_optax import _fallback, _finite, _layers, _memory, _plan
 from cgfac_optax._cg import batched_cg
 from cgfac_optax._clipping import ScaledSum
-from cgfac_optax._layers import Layer
+from cgfac_optax._layers import Layer, LayerShape
 from cgfac_optax._memory import CurvatureOptions
 from cgfac_optax._solvers import SOLVERS, Solver
 from cgfac_optax._solvers._base import Arithmetic, arithmetic_for
@@ -38,7 +39,7 @@ from cgfac_optax._solvers._base import Arithmetic, arithmetic_for
 class StageOptions(NamedTuple):
   """The solver stage's options, fixed when the transformation is built."""
 
-  solver: Any  # the solver option: a name, "auto", or {layer path: either}
+  choice: _plan.SolverChoice
   curvature: CurvatureOptions
   curvature_batch_size: int | None
   max_iters: Any
@@ -51,7 +52,6 @@ class StageOptions(NamedTuple):
   fallback: str
   fallback_decay: Any
   batch_only: bool  # no layer keeps curvature memory (the options say so as Python values)
-  memory_requested: bool  # the options ask for curvature memory (as Python values)
 
 
 class Leaves(NamedTuple):
@@ -116,7 +116,7 @@ def flatten(updates, state) -> Leaves:
 def solve(leaves: Leaves, layer_stats, memory, gamma, count, options: StageOptions) -> Solved:
   """Stages 1-3: match, build and solve every layer's system (module docstring)."""
   layers = _layers.match(leaves.paths, leaves.grads, layer_stats)
-  _check_solver_paths(options.solver, leaves.paths)
+  _check_solver_paths(options.choice.option, leaves.paths)
   memory = memory or {}
   arithmetic = arithmetic_for(options.precision, options.curvature_dtype, jax.default_backend())
   systems = [
@@ -134,7 +134,9 @@ def _build_system(
   has_bias = layer.bias is not None
   rows = _layers.curvature_rows(layer.stats, has_bias, options.curvature_batch_size, dtype)
   shape = _layers.shape(layer.stats, has_bias, options.curvature_batch_size)
-  method = SOLVERS[_plan.layer_solver(options.solver, layer.path, shape, dtype, options.max_iters)]
+  plan = _plan.choose(options.choice, layer.path, shape, dtype)
+  _plan.check_fits(plan)
+  method = SOLVERS[plan.solver]
   if memory is not None and _memory.widths(method, memory) != (shape.d_a, shape.d_g):
     d_a, d_g = _memory.widths(method, memory)
     raise ValueError(
@@ -274,29 +276,28 @@ def init(params, options: StageOptions) -> dict[str, Any]:
 def _init_memory(params, options: StageOptions) -> dict[str, Any]:
   """Zero curvature memory for every layer whose solver keeps it.
 
-  A layer left to "auto" gets none; that is an error when memory was asked for by value (not
-  when the options are arrays, as under ``optax.inject_hyperparams``).
+  A layer left to ``"auto"`` gets none (:func:`cgfac_optax._plan.choose` refuses it
+  when memory was asked for by value, not when the options are arrays, as under
+  ``optax.inject_hyperparams``). The rows are not known yet; the memory of a solver
+  that keeps it does not depend on them.
   """
   paths, leaves, _ = _layers.leaf_paths(params)
   leaf = dict(zip(paths, leaves))
   out = {}
   for path in _layers.layer_paths(params):
-    solver = options.solver
-    name = solver.get(path, "auto") if isinstance(solver, Mapping) else solver
-    if name == "auto" and not options.memory_requested:
+    if _plan.layer_option(options.choice.option, path) == "auto" and not (
+      options.choice.memory_requested
+    ):
       continue
-    if name == "auto":
-      raise ValueError(
-        f"curvature memory is allocated at init, before any stats, so layer {path!r} needs "
-        f"a named solver, not 'auto': pass solver= one of {list(SOLVERS)} (or a dict by path)"
-      )
     kernel, bias = leaf[_layers.child(path, "kernel")], leaf.get(_layers.child(path, "bias"))
     # A bias has the layer's outputs (several kernel axes for nnx.LinearGeneral and attention).
     d_g = kernel.shape[-1] if bias is None else bias.size
     d_a = kernel.size // d_g + int(bias is not None)
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)
-    method = SOLVERS[name]
+    plan = _plan.choose(options.choice, path, LayerShape(0, d_a, d_g), dtype)
+    method = SOLVERS[plan.solver]
     if method.keeps_memory:
+      _plan.check_fits(plan)
       out[path] = _memory.init(method, d_a, d_g, dtype, options.curvature)
   return out
 

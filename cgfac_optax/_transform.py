@@ -31,6 +31,7 @@ from cgfac_optax import (
   _layers,
   _memory,
   _options,
+  _plan,
   _precondition,
   _quadratic,
   _quadratic_step,
@@ -109,8 +110,9 @@ def _check_inputs(o, params, layer_stats, value, value_fn, curvature_model) -> N
 def _stage_options(o: dict[str, Any]) -> StageOptions:
   """The solver stage's options, from :func:`scale_by_cgfac`'s arguments ``o``."""
   decay, refresh_every = o["curvature_decay"], o["refresh_every"]
+  choice = _plan.solver_choice(o["solver"], o["max_iters"], o["memory_limit"], decay, refresh_every)
   return StageOptions(
-    solver=o["solver"],
+    choice=choice,
     curvature=_memory.curvature_options(decay, refresh_every, o["sketch_rank"]),
     curvature_batch_size=o["curvature_batch_size"],
     max_iters=o["max_iters"],
@@ -123,7 +125,6 @@ def _stage_options(o: dict[str, Any]) -> StageOptions:
     fallback=o["fallback"],
     fallback_decay=o["fallback_decay"],
     batch_only=_options.batch_only(decay, refresh_every),
-    memory_requested=_options.memory_requested(decay, refresh_every),
   )
 
 
@@ -205,6 +206,7 @@ def scale_by_cgfac(
   curvature_decay: float | jax.Array = 0.0,
   refresh_every: int = 1,
   sketch_rank: int | None = None,
+  memory_limit: int | None = None,
   adaptive_step: bool = False,
   precision: MatmulPrecision | None = None,
   curvature_dtype: CurvatureDtype | None = None,
@@ -263,10 +265,13 @@ def scale_by_cgfac(
       Gram matrices), ``"kfac_inverse"`` (K-FAC's factored-damping inverses,
       not exact) or ``"sketch"`` (the same factored-damping solve on
       rank-``sketch_rank`` sketches of the factors with an isotropic tail:
-      memory and solve linear in the widths; not exact); or ``"auto"``: per
-      layer, the cheapest exact one by the cost model of
-      :func:`cgfac_optax.plan` (which shows the choice); or a dict ``{layer
-      path: solver}`` (layers not in it use ``"auto"``).
+      memory and solve linear in the widths; not exact); or a rule that picks
+      one per layer within ``memory_limit``: ``"auto"`` (the cheapest exact
+      solver by the cost model, from the stats' rows; batch-only curvature),
+      ``"auto_memory"`` (``"pcg"`` where its memory fits, else ``"sketch"``,
+      from the parameter shapes); or a dict ``{layer path: either}`` (layers
+      not in it use ``"auto"``). :func:`cgfac_optax.plan` shows the choice and
+      the costs behind it.
     warm_start: start CG from the previous solution (else from zero).
     curvature_batch_size: use only the first this-many examples of the stats
       for the curvature (the gradient always uses the full batch).
@@ -301,6 +306,11 @@ def scale_by_cgfac(
       (d_A + d_G)`` per layer, a solve ``8 k d_A d_G`` flops. It sets array
       shapes: a Python int (``static_args`` under ``optax.inject_hyperparams``).
       See :mod:`cgfac_optax._solvers.sketch`.
+    memory_limit: bytes of curvature data a layer's solver may hold (``None``
+      for ``2**30``). The rules pick within it; a solver named explicitly
+      whose memory exceeds it is refused with a ``ValueError`` when traced
+      (at ``init`` for a solver that keeps curvature memory), before
+      anything is allocated. A Python int, like ``sketch_rank``.
     adaptive_step: choose the step size and momentum from the local quadratic
       model (:mod:`cgfac_optax._quadratic_step`): the output is then the whole
       step ``-delta`` with ``delta = alpha D + mu delta_prev`` (``D`` the
@@ -337,8 +347,9 @@ def scale_by_cgfac(
     arguments its damping and ``adaptive_step`` read.
 
   Raises:
-    ValueError: for invalid options (at construction), for missing or
-      mismatched ``layer_stats`` (at update), and for a missing
+    ValueError: for invalid options (at construction); for a solver whose
+      memory exceeds ``memory_limit`` (at ``init`` or when traced); for
+      missing or mismatched ``layer_stats`` (at update), and for a missing
       ``curvature_model``, ``value``, ``value_fn`` or ``params`` its options
       read (at update).
 
