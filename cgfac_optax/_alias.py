@@ -8,9 +8,9 @@ from typing import Any
 import jax
 import optax
 
-from cgfac_optax import _control, _modes
+from cgfac_optax import _control, _modes, _options
 from cgfac_optax._damping import AdaptiveDamping
-from cgfac_optax._modes import ADAPTIVE_DEFAULTS, FIXED_RATE_DEFAULTS, KL_CLIP, MOMENTUM
+from cgfac_optax._modes import ADAPTIVE_DEFAULTS, FIXED_RATE_DEFAULTS, KL_CLIP, MOMENTUM, UNSET
 from cgfac_optax._options import CGSkip, CurvatureDtype, Fallback, Preconditioner, SolverOption
 from cgfac_optax._solvers._base import MatmulPrecision
 from cgfac_optax._transform import scale_by_cgfac
@@ -18,14 +18,25 @@ from cgfac_optax._transform import scale_by_cgfac
 __all__ = ["ADAPTIVE_DEFAULTS", "FIXED_RATE_DEFAULTS", "cgfac"]
 
 
-def _check_step_options(learning_rate, momentum, kl_clip) -> None:
+def _check_step_options(learning_rate, momentum, nesterov, kl_clip) -> None:
+  """Refuses the options of a fixed learning rate that would do nothing, naming those passed."""
+  options = (("momentum", momentum, MOMENTUM), ("nesterov", nesterov, UNSET))
+  options += (("kl_clip", kl_clip, KL_CLIP),)
+  passed = {n: v for n, v, default in options if _modes.passed(v, default)}
+  if learning_rate is None and passed:
+    listed = ", ".join(f"{n}={v!r}" for n, v in passed.items())
+    does, them = ("does", "it") if len(passed) == 1 else ("do", "them")
+    raise ValueError(
+      "cgfac(learning_rate=None) takes the step size and momentum from the quadratic model, "
+      f"where {listed} {does} nothing: leave {them} unset, or pass a learning_rate for "
+      "fixed-rate steps with momentum and KL clipping"
+    )
   if isinstance(momentum, bool) or (isinstance(momentum, numbers.Real) and not 0 <= momentum < 1):
     raise ValueError(f"momentum must be None or a float in [0, 1), got {momentum!r}")
-  if learning_rate is None and (momentum not in (None, MOMENTUM) or kl_clip not in (None, KL_CLIP)):
-    # The quadratic model picks both; their fixed-rate defaults stand aside, other values fail.
+  if nesterov is not UNSET and nesterov and _no_momentum(momentum):
     raise ValueError(
-      "learning_rate=None chooses the step size and momentum from the quadratic model: "
-      f"leave momentum and kl_clip unset, got momentum={momentum!r}, kl_clip={kl_clip!r}"
+      f"nesterov=True does nothing without momentum (momentum={momentum!r}): leave nesterov "
+      "unset, or pass momentum in (0, 1)"
     )
 
 
@@ -38,7 +49,7 @@ def cgfac(
   damping: float | jax.Array | optax.Schedule | AdaptiveDamping | None = None,
   *,
   momentum: float | jax.Array | None = MOMENTUM,
-  nesterov: bool = False,
+  nesterov: bool = UNSET,
   kl_clip: float | jax.Array | None = KL_CLIP,
   max_iters: int | None = None,
   tol: float = 1e-3,
@@ -59,7 +70,8 @@ def cgfac(
   """CG-FAC: K-FAC natural-gradient steps, the damped Kronecker systems solved per layer.
 
   Two modes, each with the defaults that suit it; an option passed explicitly
-  overrides its mode's default. The options shared with :func:`scale_by_cgfac` are documented there.
+  overrides its mode's default, and one that would do nothing in the mode is
+  refused. The options shared with :func:`scale_by_cgfac` are documented there.
 
   - ``cgfac()`` (``learning_rate=None``): the step size and the momentum come
     from the local quadratic model (``scale_by_cgfac(adaptive_step=True)``,
@@ -113,13 +125,24 @@ def cgfac(
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
     ``layer_stats=`` (and the extra arguments of the mode).
 
+  Raises:
+    ValueError: for an invalid option, or one passed that does nothing in
+      the mode (``momentum``, ``nesterov`` or ``kl_clip`` without a learning
+      rate) or with the solvers the ``solver`` option can choose
+      (``sketch_rank`` without ``"sketch"``, ``refresh_every`` with a solver
+      that refreshes nothing, ``preconditioner`` with one that has its own
+      or none, ``curvature_decay > 0`` with one that keeps no memory). Options
+      passed as arrays (what ``optax.inject_hyperparams`` makes of numbers)
+      are not checked for this.
+
   Examples:
     >>> import cgfac_optax as cgfac
     >>> tx = cgfac.cgfac()  # step sizes, momentum and damping adapted
     >>> tx = cgfac.cgfac(learning_rate=0.1, damping=1e-3, max_iters=5)  # fixed rate
   """
-  # The options are spelled out (no **kwargs) so that optax.inject_hyperparams can bind them, and
-  # momentum is tested without bool(): under inject_hyperparams it arrives as a traced array.
+  # The options are spelled out (no **kwargs) so that optax.inject_hyperparams can bind them;
+  # the defaults are markers (UNSET, or a Default float) so that what was passed is known.
+  # Momentum is tested without bool(): under inject_hyperparams it arrives as a traced array.
   mode = _modes.resolve(
     learning_rate,
     damping=damping,
@@ -129,7 +152,15 @@ def cgfac(
     curvature_decay=curvature_decay,
     refresh_every=refresh_every,
   )
-  _check_step_options(learning_rate, momentum, kl_clip)
+  _check_step_options(learning_rate, momentum, nesterov, kl_clip)
+  _options.check_solver(mode["solver"])
+  read = dict(
+    curvature_decay=curvature_decay,
+    refresh_every=refresh_every,
+    sketch_rank=sketch_rank,
+    preconditioner=preconditioner,
+  )
+  _options.check_read(mode["solver"], read, default=solver is None)
   adaptive_step = learning_rate is None
   kl_clip = None if adaptive_step else kl_clip
   parts = [
@@ -152,7 +183,7 @@ def cgfac(
   ]
   if adaptive_step:
     return _control.chain(*parts, optax.scale(-1.0))
-  return _fixed_rate_chain(parts, learning_rate, momentum, nesterov)
+  return _fixed_rate_chain(parts, learning_rate, momentum, nesterov is not UNSET and nesterov)
 
 
 def _fixed_rate_chain(parts, learning_rate, momentum, nesterov) -> Any:

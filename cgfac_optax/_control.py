@@ -144,21 +144,6 @@ def damping_now(damping, state: StepControlState, count) -> Any:
   return at_count(damping, count)
 
 
-def check_adaptive_args(params, value, value_fn) -> None:
-  """Adaptive damping evaluates the loss at a probe point: it needs these extra arguments."""
-  missing = [
-    n for n, v in (("params", params), ("value", value), ("value_fn", value_fn)) if v is None
-  ]
-  if missing:
-    raise ValueError(
-      f"adaptive damping needs {', '.join(missing)}: call tx.update(grads, state, params, "
-      "layer_stats=stats, value=loss, value_fn=lambda p: loss_fn(p, batch)), where loss is the "
-      "loss at params on this batch and value_fn evaluates it at other parameters"
-    )
-  if not callable(value_fn):
-    raise TypeError(f"value_fn must be a callable params -> loss, got {type(value_fn).__name__}")
-
-
 def adapted_damping(
   options: AdaptiveDamping,
   count: jax.Array,
@@ -195,3 +180,10 @@ def next_damping(damping, state: StepControlState, count, gamma, step, value, va
   adapted = adapted_damping(damping, count, current, value, value_fn, step.probe, step.predicted)
   raised = jnp.clip(current / damping.factor, damping.minimum, damping.maximum)
   return jnp.where(step.shortened, jnp.maximum(adapted, raised), adapted)
+
+
+def needs(damping) -> dict[str, str]:
+  """The extra arguments of ``update`` the damping reads: ``{name: "adaptive damping"}``."""
+  if not isinstance(damping, AdaptiveDamping):
+    return {}
+  return {n: "adaptive damping" for n in ("params", "value", "value_fn")}

@@ -11,12 +11,50 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import numpy as np
+
 from cgfac_optax._damping import AdaptiveDamping
 from cgfac_optax._options import batch_only
 
+
+class _Unset:
+  """The default of an option for which every value, ``None`` included, means something."""
+
+  def __repr__(self) -> str:
+    return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+class Default(float):
+  """A float default that :func:`cgfac_optax.cgfac` tells apart from the same number passed.
+
+  It is compared by identity; being a float, ``optax.inject_hyperparams`` still makes it
+  a hyperparameter, cast as it casts a float (it reads the ``dtype``).
+  """
+
+  def __repr__(self) -> str:
+    return repr(float(self))
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(float)
+
+
 # The fixed-rate mode's momentum and KL bound (kfac-pytorch's default bound).
-MOMENTUM = 0.9
-KL_CLIP = 1e-3
+MOMENTUM = Default(0.9)
+KL_CLIP = Default(1e-3)
+
+
+def passed(value, default) -> bool:
+  """Whether the caller set an option whose default is ``default``.
+
+  An array is not counted: ``optax.inject_hyperparams`` turns every number into one,
+  defaults included, so it cannot be told apart.
+  """
+  return value is not default and not isinstance(value, (jax.Array, np.ndarray))
 
 
 def default_solver(curvature_decay, refresh_every) -> str:

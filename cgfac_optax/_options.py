@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cgfac_optax._cg import SKIPS, Skip
-from cgfac_optax._solvers import SOLVERS
-from cgfac_optax._solvers._base import MatmulPrecision
+from cgfac_optax._solvers import AUTO_MEMORY, SOLVERS
+from cgfac_optax._solvers._base import SOLVER_OPTIONS, MatmulPrecision
 
 Preconditioner = Literal["jacobi"]
 PRECONDITIONERS = (None, *get_args(Preconditioner))
@@ -117,6 +117,51 @@ def memory_requested(curvature_decay, refresh_every) -> bool:
   """Whether the options ask, as Python values, for curvature memory."""
   decays = is_number(curvature_decay) and curvature_decay > 0
   return decays or (is_int(refresh_every) and refresh_every > 1)
+
+
+def solvers_of(solver: Any) -> set[str]:
+  """The solvers a ``solver`` option may run on some layer (decided at construction)."""
+  if isinstance(solver, Mapping):
+    # Layers the dict leaves out use "auto".
+    return set().union(*map(solvers_of, solver.values()), solvers_of("auto"))
+  if solver == "auto":
+    return {k for k, s in SOLVERS.items() if s.exact}
+  if solver == "auto_memory":
+    return set(AUTO_MEMORY)
+  return {solver}
+
+
+# What the solvers that read each solver-specific option do with it.
+_READERS_DO = {
+  "curvature_decay": "keep curvature memory",
+  "refresh_every": "refresh something computed from the factors on a schedule",
+  "sketch_rank": "keep sketches of the factors",
+  "preconditioner": "run CG without a preconditioner of their own",
+}
+
+
+def check_read(solver: Any, passed: Mapping[str, Any], *, default: bool = False) -> None:
+  """Raises naming each solver-specific option in ``passed`` that no solver it may run reads.
+
+  ``passed`` holds only the options the user set (a ``None`` means unset; so does a
+  ``curvature_decay`` of 0, which every solver honours as "no memory"); ``default``:
+  ``solver`` is the mode's default, not the user's.
+  """
+  may_run = [SOLVERS[k] for k in sorted(solvers_of(solver))]
+  problems = []
+  for option in SOLVER_OPTIONS:
+    value = passed.get(option)
+    if value is None or (option == "curvature_decay" and is_number(value) and value == 0):
+      continue
+    if not any(s.reads(option) for s in may_run):
+      readers = [k for k, s in SOLVERS.items() if s.reads(option)]
+      problems.append(
+        f"{option}={value!r} does nothing with {'the default ' if default else ''}"
+        f"solver={solver!r}: only {readers} read it "
+        f"(they {_READERS_DO[option]}); leave {option} unset, or pass one of those solvers"
+      )
+  if problems:
+    raise ValueError("; ".join(problems))
 
 
 def _check_step_control(damping, learning_rate, kl_clip, adaptive_step) -> None:

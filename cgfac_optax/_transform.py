@@ -2,7 +2,7 @@
 
 An update is a sequence of named stages, each a pure function of what came before:
 
-1. **check** that ``update`` got every extra argument the mode reads;
+1. **check** that ``update`` got every extra argument the mode reads (:mod:`._inputs`);
 2. **solve** every layer's damped Kronecker system (:func:`._precondition.solve`:
    match stats to layers, build the systems, one batched CG for the iterative ones);
 3. **scale**: the step policy's factor on every layer's solution (the KL clip);
@@ -28,12 +28,12 @@ import optax
 from cgfac_optax import (
   _control,
   _fixed_rate,
+  _inputs,
   _layers,
   _memory,
   _options,
   _plan,
   _precondition,
-  _quadratic,
   _quadratic_step,
 )
 from cgfac_optax._control import StepControlState
@@ -82,29 +82,6 @@ class ScaleByCGFACState(NamedTuple):
   curvature: dict[str, Any] | None = None  # per layer path: LayerMemory or SketchMemory
   previous_update: optax.Updates | None = None  # like params
   coefficients: jax.Array | None = None  # shape=(2,), dtype=float32
-
-
-def _check_inputs(o, params, layer_stats, value, value_fn, curvature_model) -> None:
-  """The extra arguments of ``update`` that the options read."""
-  if layer_stats is None:
-    raise ValueError(
-      "scale_by_cgfac needs the layers' curvature stats: call "
-      "tx.update(grads, state, params, layer_stats=stats), with stats from "
-      "cgfac_optax.flax.value_grad_and_stats (Linen), "
-      "cgfac_optax.flax.nnx_value_grad_and_stats (NNX), or built by hand as "
-      "{layer path: cgfac_optax.DenseStats(inputs, output_grads)}"
-    )
-  if o["adaptive_step"] and (
-    params is None or not isinstance(curvature_model, _quadratic.CurvatureModel)
-  ):
-    raise ValueError(
-      "adaptive_step needs params and curvature_model=cgfac_optax.CurvatureModel(outputs_fn, "
-      "loss): call tx.update(grads, state, params, layer_stats=stats, curvature_model=...), "
-      "outputs_fn mapping params to the model's outputs on the batch; "
-      f"got params={type(params).__name__}, curvature_model={curvature_model!r}"
-    )
-  if isinstance(o["damping"], AdaptiveDamping):
-    _control.check_adaptive_args(params, value, value_fn)
 
 
 def _stage_options(o: dict[str, Any]) -> StageOptions:
@@ -348,10 +325,9 @@ def scale_by_cgfac(
 
   Raises:
     ValueError: for invalid options (at construction); for a solver whose
-      memory exceeds ``memory_limit`` (at ``init`` or when traced); for
-      missing or mismatched ``layer_stats`` (at update), and for a missing
-      ``curvature_model``, ``value``, ``value_fn`` or ``params`` its options
-      read (at update).
+      memory exceeds ``memory_limit`` (at ``init`` or when traced); at update,
+      for mismatched ``layer_stats``, and for missing extra arguments: one
+      message names every one missing and the helpers that return them all.
 
   Examples:
     >>> import jax, jax.numpy as jnp, cgfac_optax as cgfac
@@ -376,6 +352,9 @@ def scale_by_cgfac(
   options = dict(locals())  # every argument by name: nothing else is defined yet
   _options.validate(**options)
   stage, policy = _stage_options(options), _step_policy(options)
+  needs = _inputs.merge(
+    {"layer_stats": "the preconditioner"}, policy.needs, _control.needs(damping)
+  )
 
   def init_fn(params):
     previous_update, coefficients = policy.init(params)
@@ -399,7 +378,8 @@ def scale_by_cgfac(
     **extra_args,
   ):
     del extra_args
-    _check_inputs(options, params, layer_stats, value, value_fn, curvature_model)
+    given = dict(params=params, layer_stats=layer_stats, value=value, value_fn=value_fn)
+    _inputs.check(needs, dict(given, curvature_model=curvature_model))
     leaves, count = _precondition.flatten(updates, state), state.count
     gamma = _control.damping_now(damping, state.control, count)
     solved = _precondition.solve(leaves, layer_stats, state.curvature, gamma, count, stage)

@@ -1,7 +1,8 @@
-"""What each mode's solvers need in memory, and the plan.
+"""What ``cgfac`` refuses at construction, what each mode's solvers need in memory, and the plan.
 
-A solver whose curvature memory exceeds ``memory_limit`` is refused before anything is
-allocated; ``plan`` resolves the solvers with the rule the transformation applies.
+An option that would do nothing in the mode and with the solver chosen is refused, naming only
+what was passed; a solver whose curvature memory exceeds ``memory_limit`` is refused before
+anything is allocated; ``plan`` resolves the solvers with the rule the transformation applies.
 """
 
 import pathlib
@@ -28,6 +29,94 @@ def shape(*s, dtype=jnp.float32):
 # A vocabulary projection: 2 (d_A^2 + d_G^2) floats of "pcg" are 18.6 GiB; its sketches 13 MiB.
 VOCAB_PARAMS = {"head": {"kernel": shape(512, 50000)}, "norm": {"scale": shape(512)}}
 VOCAB_STATS = {"head": cgfac.DenseStats(shape(16, 512, 512), shape(16, 512, 50000))}
+
+
+# Options that do nothing in the mode: refused, naming only what was passed.
+
+
+@pytest.mark.parametrize(
+  ("options", "message"),
+  [
+    (dict(momentum=0.5), "where momentum=0.5 does nothing: leave it unset"),
+    (dict(nesterov=True), "where nesterov=True does nothing: leave it unset"),
+    (dict(kl_clip=1e-2), "where kl_clip=0.01 does nothing: leave it unset"),
+    (
+      dict(momentum=None, kl_clip=None),
+      "where momentum=None, kl_clip=None do nothing: leave them unset, or pass a learning_rate",
+    ),
+  ],
+)
+def test_adaptive_mode_names_only_the_fixed_rate_options_passed(options, message):
+  with pytest.raises(ValueError, match=re.escape(message)) as info:
+    cgfac.cgfac(**options)
+  assert str(info.value).startswith("cgfac(learning_rate=None) takes the step size")
+  for name in {"momentum", "nesterov", "kl_clip"} - set(options):
+    assert f"{name}=" not in str(info.value)
+
+
+def test_nesterov_without_momentum_is_refused():
+  message = "nesterov=True does nothing without momentum (momentum=None): leave nesterov unset"
+  with pytest.raises(ValueError, match=re.escape(message)):
+    cgfac.cgfac(0.1, momentum=None, nesterov=True)
+  cgfac.cgfac(0.1, momentum=0.5, nesterov=True)
+  cgfac.cgfac(0.1, momentum=None, nesterov=False)
+
+
+@pytest.mark.parametrize(
+  ("options", "message"),
+  [
+    (
+      dict(learning_rate=0.1, sketch_rank=8),
+      "sketch_rank=8 does nothing with the default solver='auto': only ['sketch'] read it "
+      "(they keep sketches of the factors); leave sketch_rank unset, or pass one of those solvers",
+    ),
+    (dict(solver="pcg", sketch_rank=8), "sketch_rank=8 does nothing with solver='pcg'"),
+    (
+      dict(learning_rate=0.1, solver="cg", refresh_every=5),
+      "refresh_every=5 does nothing with solver='cg': only ['eigh', 'pcg', 'kfac_inverse'] read "
+      "it (they refresh something computed from the factors on a schedule)",
+    ),
+    (
+      dict(solver="pcg", preconditioner="jacobi"),
+      "preconditioner='jacobi' does nothing with solver='pcg': only ['cg', 'cg_materialized'] "
+      "read it (they run CG without a preconditioner of their own)",
+    ),
+    (dict(solver="eigh", preconditioner="jacobi"), "preconditioner='jacobi' does nothing"),
+    (dict(preconditioner="jacobi"), "with the default solver='auto_memory'"),
+    (
+      dict(learning_rate=0.1, solver="lowrank", curvature_decay=0.9),
+      "curvature_decay=0.9 does nothing with solver='lowrank': only ['cg_materialized', 'eigh', "
+      "'pcg', 'kfac_inverse', 'sketch'] read it (they keep curvature memory)",
+    ),
+  ],
+)
+def test_options_the_named_solver_never_reads_are_refused(options, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    cgfac.cgfac(**options)
+
+
+def test_each_option_that_does_nothing_is_named_once():
+  with pytest.raises(ValueError) as info:
+    cgfac.cgfac(0.1, solver="cg", refresh_every=5, sketch_rank=8)
+  message = str(info.value)
+  assert message.count("refresh_every=5 does nothing") == 1
+  assert message.count("sketch_rank=8 does nothing") == 1
+  assert "preconditioner" not in message and "curvature_decay" not in message
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    dict(solver="cg", curvature_decay=0.0),  # 0: no memory, which every solver honours
+    dict(sketch_rank=8),  # "auto_memory" may choose "sketch"
+    dict(learning_rate=0.1, solver="cg", preconditioner="jacobi"),
+    dict(learning_rate=0.1, refresh_every=5),  # memory: "auto_memory", "pcg" refreshes
+    dict(learning_rate=0.1, solver={"a": "sketch"}, sketch_rank=8),
+    dict(solver="kfac_inverse", refresh_every=5),
+  ],
+)
+def test_options_some_chosen_solver_reads_are_accepted(options):
+  cgfac.cgfac(**options)
 
 
 # Memory: each mode's default fits the limit; a named solver over it is refused.
@@ -176,3 +265,26 @@ def test_plan_lists_the_parameters_that_take_the_fallback():
   ]
   assert repr(plan) == "Plan({'head': 'sketch'}, fallback=['norm/scale'])"
   assert cgfac.plan({"head": VOCAB_PARAMS["head"]}, VOCAB_STATS).fallback == []
+
+
+# The defaults are markers: cgfac tells them from the same value passed.
+
+
+def test_a_default_value_passed_explicitly_still_counts_as_passed():
+  with pytest.raises(ValueError, match=re.escape("where momentum=0.9 does nothing")):
+    cgfac.cgfac(momentum=0.9)
+  with pytest.raises(ValueError, match=re.escape("where kl_clip=0.001 does nothing")):
+    cgfac.cgfac(kl_clip=1e-3)
+
+
+def test_inject_hyperparams_still_injects_the_marked_defaults():
+  params, grads, stats = oracles.dense_layer(0, 8, 6, (32,))
+  tx = optax.inject_hyperparams(cgfac.cgfac)(learning_rate=0.1)
+  state = tx.init(params)
+  assert {"momentum", "kl_clip"} <= set(state.hyperparams)
+  update = jax.jit(lambda g, s: tx.update(g, s, params, layer_stats=stats))
+  _, after = update(grads, state)
+  types = lambda tree: jax.tree.map(jax.typeof, tree)
+  assert types(after.hyperparams) == types(state.hyperparams)  # so the step compiles once
+  update(grads, after)
+  assert update._cache_size() == 1

@@ -100,6 +100,21 @@ class Solver(NamedTuple):
     """Whether it can keep curvature memory (averaged factors or sketches) between steps."""
     return self.curvature != "rows"
 
+  def reads(self, option: str) -> bool:
+    """Whether the option of :data:`SOLVER_OPTIONS` named ``option`` changes what it does."""
+    return _READS[option](self)
+
+
+# The options of scale_by_cgfac that only some solvers read, and which ones read them.
+_READS: dict[str, Callable[[Solver], bool]] = {
+  "curvature_decay": lambda s: s.keeps_memory,
+  "refresh_every": lambda s: s.refresh is not None,
+  "sketch_rank": lambda s: s.curvature == "sketch",
+  # Jacobi is for CG without a preconditioner of its own; a direct solver has none either.
+  "preconditioner": lambda s: s.diagonal is not None,
+}
+SOLVER_OPTIONS = tuple(_READS)
+
 
 MatmulPrecision = Literal["default", "high", "highest"]
 
