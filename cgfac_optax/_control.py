@@ -144,21 +144,6 @@ def damping_now(damping, state: StepControlState, count) -> Any:
   return at_count(damping, count)
 
 
-def check_adaptive_args(params, value, value_fn) -> None:
-  """Adaptive damping evaluates the loss at a probe point: it needs these extra arguments."""
-  missing = [
-    n for n, v in (("params", params), ("value", value), ("value_fn", value_fn)) if v is None
-  ]
-  if missing:
-    raise ValueError(
-      f"adaptive damping needs {', '.join(missing)}: call tx.update(grads, state, params, "
-      "layer_stats=stats, value=loss, value_fn=lambda p: loss_fn(p, batch)), where loss is the "
-      "loss at params on this batch and value_fn evaluates it at other parameters"
-    )
-  if not callable(value_fn):
-    raise TypeError(f"value_fn must be a callable params -> loss, got {type(value_fn).__name__}")
-
-
 def adapted_damping(
   options: AdaptiveDamping,
   count: jax.Array,
@@ -179,3 +164,26 @@ def adapted_damping(
     return _damping.adapt(damping, jnp.asarray(value, jnp.float32), loss_after, predicted, options)
 
   return jax.lax.cond(count % options.interval == 0, adapt, lambda: damping)
+
+
+def next_damping(damping, state: StepControlState, count, gamma, step, value, value_fn):
+  """A schedule's value (the last good one if not finite), or the adapted damping.
+
+  ``step`` is the policy's :class:`~cgfac_optax._policy.Step`. Adaptive damping is
+  also raised, by one adaptation's factor, on any step the quadratic model's step
+  had to be shortened: the model was trusted too far.
+  """
+  current = jnp.asarray(gamma, jnp.float32)
+  current = jnp.where(jnp.isfinite(current), current, state.damping)
+  if not isinstance(damping, AdaptiveDamping) or step.probe is None:
+    return current
+  adapted = adapted_damping(damping, count, current, value, value_fn, step.probe, step.predicted)
+  raised = jnp.clip(current / damping.factor, damping.minimum, damping.maximum)
+  return jnp.where(step.shortened, jnp.maximum(adapted, raised), adapted)
+
+
+def needs(damping) -> dict[str, str]:
+  """The extra arguments of ``update`` the damping reads: ``{name: "adaptive damping"}``."""
+  if not isinstance(damping, AdaptiveDamping):
+    return {}
+  return {n: "adaptive damping" for n in ("params", "value", "value_fn")}

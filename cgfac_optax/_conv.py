@@ -48,6 +48,22 @@ def _dimension_numbers(lhs_ndim: int, dimension_numbers) -> Any:
   return (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
 
 
+def _check_kernel(inputs: jax.Array, kernel_shape, feature_group_count: int) -> tuple[int, ...]:
+  """The kernel shape as ints, after the checks of :func:`conv_patches` that need no layout."""
+  if feature_group_count != 1:
+    raise ValueError(
+      "grouped convolutions have no single Kronecker-factored block: "
+      f"feature_group_count must be 1, got {feature_group_count!r}"
+    )
+  kernel_shape = tuple(int(k) for k in kernel_shape)
+  n = inputs.ndim - 2
+  if len(kernel_shape) != n + 2:
+    raise ValueError(
+      f"kernel_shape {kernel_shape} must have rank {n + 2} for inputs {inputs.shape}"
+    )
+  return kernel_shape
+
+
 def conv_patches(
   inputs: jax.Array,
   kernel_shape: Sequence[int],
@@ -98,17 +114,7 @@ def conv_patches(
     >>> conv_patches(x, (3, 3, 3, 4), window_strides=(2, 2), padding="SAME").shape
     (2, 3, 3, 27)
   """
-  if feature_group_count != 1:
-    raise ValueError(
-      "grouped convolutions have no single Kronecker-factored block: "
-      f"feature_group_count must be 1, got {feature_group_count!r}"
-    )
-  kernel_shape = tuple(int(k) for k in kernel_shape)
-  n = inputs.ndim - 2
-  if len(kernel_shape) != n + 2:
-    raise ValueError(
-      f"kernel_shape {kernel_shape} must have rank {n + 2} for inputs {inputs.shape}"
-    )
+  kernel_shape = _check_kernel(inputs, kernel_shape, feature_group_count)
   specs = _dimension_numbers(inputs.ndim, dimension_numbers)
   dn = lax.conv_dimension_numbers(inputs.shape, kernel_shape, specs)
   out_dim, in_dim = dn.rhs_spec[0], dn.rhs_spec[1]

@@ -29,17 +29,40 @@ The ``"sketch"`` solver keeps the same averages matrix-free instead: a rank-``k`
 sketch of each with an isotropic tail, ``O(k d)`` memory, updated every step
 from the rows by the same decay rule
 (:mod:`cgfac_optax._solvers.sketch`).
+
+Which of these a layer keeps follows from its solver record's ``curvature``
+(``"rows"``: nothing; ``"factors"``; ``"sketch"``), through the table
+:data:`KINDS`; no code here or in the transformation names a solver.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from cgfac_optax._solvers import sketch
-from cgfac_optax._solvers._base import FactorCurvature, Factors, factors
+from cgfac_optax._layers import CurvatureRows
+from cgfac_optax._solvers import Solver, sketch
+from cgfac_optax._solvers._base import ACCURATE, Arithmetic, FactorCurvature, Factors, factors
+
+
+class CurvatureOptions(NamedTuple):
+  """The options of curvature memory (see :func:`cgfac_optax.scale_by_cgfac`)."""
+
+  decay: Any  # curvature_decay: a float in [0, 1) or a traced array
+  refresh_every: Any  # an int >= 1 or a traced array
+  sketch_rank: int  # static: it sets the sketches' shapes
+
+
+BATCH_ONLY = CurvatureOptions(decay=0.0, refresh_every=1, sketch_rank=sketch.DEFAULT_RANK)
+
+
+def curvature_options(decay, refresh_every, sketch_rank: int | None) -> CurvatureOptions:
+  """The options of :func:`cgfac_optax.scale_by_cgfac`; ``sketch_rank=None`` is the default rank."""
+  rank = sketch.DEFAULT_RANK if sketch_rank is None else sketch_rank
+  return CurvatureOptions(decay, refresh_every, rank)
 
 
 class LayerMemory(NamedTuple):
@@ -59,24 +82,6 @@ def init_layer(d_a: int, d_g: int, dtype, refresh) -> LayerMemory:
   return LayerMemory(f, refreshed)
 
 
-def widths(memory: LayerMemory | sketch.SketchMemory) -> tuple[int, int]:
-  """``(d_A, d_G)`` of the factors a layer's memory averages."""
-  if isinstance(memory, sketch.SketchMemory):
-    return memory.a.q.shape[0], memory.g.q.shape[0]
-  return memory.factors.a.shape[0], memory.factors.g.shape[0]
-
-
-def batch_curvature(solver, rows, damping, *, sketch_rank: int = sketch.DEFAULT_RANK):
-  """What ``solver.prepare`` takes, from this batch's rows alone (no memory)."""
-  if solver.curvature == "rows":
-    return rows
-  if solver.curvature == "sketch":
-    empty = sketch.init(rows.a.shape[1], rows.g.shape[1], sketch_rank, rows.a.dtype)
-    return sketch.update_memory(empty, rows, 0.0)
-  f = factors(rows)
-  return FactorCurvature(f, None if solver.refresh is None else solver.refresh(f, damping))
-
-
 def decay_at(decay, count: jax.Array, dtype) -> jax.Array:
   """``beta_t = min(beta, t / (t + 1))``: the weight of the old average at step ``t``."""
   t = count.astype(dtype)
@@ -87,13 +92,6 @@ def average(previous: Factors, batch: Factors, decay, count: jax.Array) -> Facto
   """The running average after this step's factors (the rule in the module docstring)."""
   beta = decay_at(decay, count, batch.a.dtype)
   return Factors(*(beta * p + (1 - beta) * b for p, b in zip(previous, batch)))
-
-
-def update_sketch(
-  memory: sketch.SketchMemory, rows, decay, count: jax.Array
-) -> sketch.SketchMemory:
-  """The sketches of the running averages after this step's rows."""
-  return sketch.update_memory(memory, rows, decay_at(decay, count, memory.a.q.dtype))
 
 
 def refresh_due(count: jax.Array, refresh_every) -> jax.Array:
@@ -126,3 +124,104 @@ def update(
         lambda: memory.refreshed,
       )
   return LayerMemory(f, refreshed)
+
+
+# The three kinds of curvature a solver prepares from. Each takes the solver record, so that
+# what differs between solvers of one kind (the factor-based ones' refresh) is read from it.
+
+
+class Kind(NamedTuple):
+  """What a layer's curvature of one kind is made of, kept as, and updated by."""
+
+  init: Callable[..., Any]  # (solver, d_a, d_g, dtype, options) -> zero memory, or None
+  batch: Callable[..., Any]  # (solver, rows, damping, options, arithmetic) -> curvature
+  step: Callable[..., tuple]  # (solver, memory, rows, damping, count, options, arithmetic)
+  #   -> (curvature, memory after this step)
+  widths: Callable[[Any], tuple[int, int]]  # memory -> (d_A, d_G) of the factors it averages
+
+
+def _factors_batch(solver, rows, damping, options, arithmetic) -> FactorCurvature:
+  f = factors(rows, arithmetic)
+  return FactorCurvature(f, None if solver.refresh is None else solver.refresh(f, damping))
+
+
+def _factors_step(solver, memory, rows, damping, count, options, arithmetic):
+  new = update(
+    memory,
+    factors(rows, arithmetic),
+    damping,
+    count,
+    decay=options.decay,
+    refresh_every=options.refresh_every,
+    refresh=solver.refresh,
+  )
+  return FactorCurvature(*new), new
+
+
+def _sketch_batch(solver, rows, damping, options, arithmetic) -> sketch.SketchMemory:
+  empty = sketch.init(rows.a.shape[1], rows.g.shape[1], options.sketch_rank, rows.a.dtype)
+  return sketch.update_memory(empty, rows, 0.0, arithmetic)
+
+
+def _sketch_step(solver, memory, rows, damping, count, options, arithmetic):
+  beta = decay_at(options.decay, count, memory.a.q.dtype)
+  new = sketch.update_memory(memory, rows, beta, arithmetic)
+  return new, new
+
+
+KINDS: dict[str, Kind] = {
+  "rows": Kind(
+    init=lambda solver, d_a, d_g, dtype, options: None,
+    batch=lambda solver, rows, damping, options, arithmetic: rows,
+    step=lambda solver, memory, rows, *_: (rows, None),
+    widths=lambda memory: (0, 0),
+  ),
+  "factors": Kind(
+    init=lambda solver, d_a, d_g, dtype, options: init_layer(d_a, d_g, dtype, solver.refresh),
+    batch=_factors_batch,
+    step=_factors_step,
+    widths=lambda memory: (memory.factors.a.shape[0], memory.factors.g.shape[0]),
+  ),
+  "sketch": Kind(
+    init=lambda solver, d_a, d_g, dtype, options: sketch.init(d_a, d_g, options.sketch_rank, dtype),
+    batch=_sketch_batch,
+    step=_sketch_step,
+    widths=lambda memory: (memory.a.q.shape[0], memory.g.q.shape[0]),
+  ),
+}
+
+
+def init(solver: Solver, d_a: int, d_g: int, dtype, options: CurvatureOptions) -> Any:
+  """A layer's zero curvature memory for ``solver``; ``None`` if it keeps none."""
+  return KINDS[solver.curvature].init(solver, d_a, d_g, dtype, options)
+
+
+def widths(solver: Solver, memory) -> tuple[int, int]:
+  """``(d_A, d_G)`` of the factors a layer's memory averages."""
+  return KINDS[solver.curvature].widths(memory)
+
+
+def batch_curvature(
+  solver: Solver,
+  rows: CurvatureRows,
+  damping,
+  options: CurvatureOptions = BATCH_ONLY,
+  arithmetic: Arithmetic = ACCURATE,
+) -> Any:
+  """What ``solver.prepare`` takes, from this batch's rows alone (no memory)."""
+  return KINDS[solver.curvature].batch(solver, rows, damping, options, arithmetic)
+
+
+def curvature(
+  solver: Solver,
+  rows: CurvatureRows,
+  memory,
+  damping,
+  count: jax.Array,
+  options: CurvatureOptions,
+  arithmetic: Arithmetic,
+) -> tuple[Any, Any]:
+  """What ``solver.prepare`` takes this step, and the layer's memory after it (or ``None``)."""
+  if memory is None:
+    return batch_curvature(solver, rows, damping, options, arithmetic), None
+  return KINDS[solver.curvature].step(solver, memory, rows, damping, count, options, arithmetic)

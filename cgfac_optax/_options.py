@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cgfac_optax._cg import SKIPS, Skip
-from cgfac_optax._solvers import SOLVERS
-from cgfac_optax._solvers._base import MatmulPrecision
+from cgfac_optax._solvers import AUTO_MEMORY, SOLVERS
+from cgfac_optax._solvers._base import SOLVER_OPTIONS, MatmulPrecision
 
 Preconditioner = Literal["jacobi"]
 PRECONDITIONERS = (None, *get_args(Preconditioner))
@@ -32,7 +32,9 @@ CURVATURE_DTYPES = (None, *get_args(CurvatureDtype))
 
 CGSkip = Skip
 
-# A solver name (a key of SOLVERS), "auto", or {layer path: either}.
+# A solver name (a key of SOLVERS), a rule that picks one per layer, or {layer path: either}.
+SolverRule = Literal["auto", "auto_memory"]
+RULES: tuple[str, ...] = get_args(SolverRule)
 SolverOption = str | Mapping[str, str]
 
 
@@ -79,53 +81,93 @@ def check_int_or_array(name: str, value: Any, minimum: int) -> None:
   check_int(name, value, minimum)
 
 
+def check_static_int(name: str, value: Any, why: str) -> None:
+  """An int ``>= 1`` that must stay a Python value (it decides shapes or choices at trace time)."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    raise ValueError(
+      f"{name} {why} and must be a Python int, got {value!r}; "
+      f"under optax.inject_hyperparams pass static_args=({name!r},)"
+    )
+  check_int(name, value, 1)
+
+
 def check_solver(solver: Any) -> None:
-  """A ``solver`` option: a name in the solver table, ``"auto"`` or ``{layer path: name}``."""
-  allowed = (*SOLVERS, "auto")
+  """A ``solver`` option: a name in the solver table, a rule, or ``{layer path: either}``."""
+  allowed = (*SOLVERS, *RULES)
   if isinstance(solver, Mapping):
     bad = {p: s for p, s in solver.items() if s not in allowed}
     if bad:
-      raise ValueError(f"solver values must be 'auto' or one of {list(SOLVERS)}, got {bad!r}")
+      raise ValueError(
+        f"solver values must be 'auto', 'auto_memory' or one of {list(SOLVERS)}, got {bad!r}"
+      )
   elif not isinstance(solver, str) or solver not in allowed:
     raise ValueError(
-      f"solver must be 'auto', one of {list(SOLVERS)}, or a dict of them by layer path, "
-      f"got {solver!r}"
+      f"solver must be 'auto', one of {list(SOLVERS)}, or a dict of them by layer path (the "
+      f"rule 'auto_memory' is accepted too), got {solver!r}"
     )
 
 
-def validate(
-  *,
-  damping,
-  adaptive: bool,
-  max_iters,
-  tol,
-  solver,
-  curvature_batch_size,
-  preconditioner,
-  learning_rate,
-  kl_clip,
-  fallback,
-  fallback_decay,
-  curvature_decay,
-  refresh_every,
-  adaptive_step,
-  sketch_rank=64,
-  precision=None,
-  curvature_dtype=None,
-  cg_skip=None,
-) -> None:
-  """Checks every option of :func:`scale_by_cgfac` that is a Python value."""
-  if not callable(damping):
-    check_number("damping", damping, lambda d: d > 0, "> 0")
-  check_int_or_array("max_iters", max_iters, 1)
-  check_number("tol", tol, lambda t: t >= 0, ">= 0")
-  check_number(
-    "tol", tol, lambda t: t < 1, "< 1 (CG stops before its first iteration when tol >= 1)"
-  )
-  check_solver(solver)
-  check_int("curvature_batch_size", curvature_batch_size, 1, optional=True)
-  if preconditioner not in PRECONDITIONERS:
-    raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+def batch_only(curvature_decay, refresh_every) -> bool:
+  """Whether the options say, as Python values, that no layer keeps curvature memory."""
+  refresh_each_step = is_int(refresh_every) and refresh_every == 1
+  return refresh_each_step and is_number(curvature_decay) and curvature_decay == 0
+
+
+def memory_requested(curvature_decay, refresh_every) -> bool:
+  """Whether the options ask, as Python values, for curvature memory."""
+  decays = is_number(curvature_decay) and curvature_decay > 0
+  return decays or (is_int(refresh_every) and refresh_every > 1)
+
+
+def solvers_of(solver: Any) -> set[str]:
+  """The solvers a ``solver`` option may run on some layer (decided at construction)."""
+  if isinstance(solver, Mapping):
+    # Layers the dict leaves out use "auto".
+    return set().union(*map(solvers_of, solver.values()), solvers_of("auto"))
+  if solver == "auto":
+    return {k for k, s in SOLVERS.items() if s.exact}
+  if solver == "auto_memory":
+    return set(AUTO_MEMORY)
+  return {solver}
+
+
+# What the solvers that read each solver-specific option do with it.
+_READERS_DO = {
+  "curvature_decay": "keep curvature memory",
+  "refresh_every": "refresh something computed from the factors on a schedule",
+  "sketch_rank": "keep sketches of the factors",
+  "preconditioner": "run CG without a preconditioner of their own",
+}
+
+
+def check_read(solver: Any, passed: Mapping[str, Any], *, default: bool = False) -> None:
+  """Raises naming each solver-specific option in ``passed`` that no solver it may run reads.
+
+  ``passed`` holds only the options the user set (a ``None`` means unset; so does a
+  ``curvature_decay`` of 0, which every solver honours as "no memory"); ``default``:
+  ``solver`` is the mode's default, not the user's.
+  """
+  may_run = [SOLVERS[k] for k in sorted(solvers_of(solver))]
+  problems = []
+  for option in SOLVER_OPTIONS:
+    value = passed.get(option)
+    if value is None or (option == "curvature_decay" and is_number(value) and value == 0):
+      continue
+    if not any(s.reads(option) for s in may_run):
+      readers = [k for k, s in SOLVERS.items() if s.reads(option)]
+      problems.append(
+        f"{option}={value!r} does nothing with {'the default ' if default else ''}"
+        f"solver={solver!r}: only {readers} read it "
+        f"(they {_READERS_DO[option]}); leave {option} unset, or pass one of those solvers"
+      )
+  if problems:
+    raise ValueError("; ".join(problems))
+
+
+def _check_step_control(damping, learning_rate, kl_clip, adaptive_step) -> None:
+  from cgfac_optax._damping import AdaptiveDamping  # it checks its own fields with this module
+
+  adaptive = isinstance(damping, AdaptiveDamping)
   if kl_clip is not None:
     check_number("kl_clip", kl_clip, lambda k: k > 0, "None or > 0")
   if learning_rate is not None and adaptive and not adaptive_step:
@@ -145,22 +187,64 @@ def validate(
       f"{needs} needs the learning rate that the chain applies after scale_by_cgfac: "
       "pass scale_by_cgfac(..., learning_rate=lr) (cgfac_optax.cgfac does this)"
     )
-  if fallback not in FALLBACKS:
-    raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+
+
+def _check_choices(**options) -> None:
+  """Options that take one of a few values."""
+  allowed = {
+    "preconditioner": PRECONDITIONERS,
+    "fallback": FALLBACKS,
+    "precision": PRECISIONS,
+    "curvature_dtype": CURVATURE_DTYPES,
+    "cg_skip": (None, *SKIPS),
+  }
+  for name, value in options.items():
+    if value not in allowed[name]:
+      raise ValueError(f"{name} must be one of {allowed[name]}, got {value!r}")
+
+
+def validate(
+  *,
+  damping,
+  max_iters,
+  tol,
+  solver,
+  warm_start,
+  curvature_batch_size,
+  preconditioner,
+  learning_rate,
+  kl_clip,
+  fallback,
+  fallback_decay,
+  curvature_decay,
+  refresh_every,
+  sketch_rank,
+  memory_limit,
+  adaptive_step,
+  precision,
+  curvature_dtype,
+  cg_skip,
+) -> None:
+  """Checks every option of :func:`scale_by_cgfac` that is a Python value."""
+  if not callable(damping):
+    check_number("damping", damping, lambda d: d > 0, "> 0")
+  check_int_or_array("max_iters", max_iters, 1)
+  check_number("tol", tol, lambda t: t >= 0, ">= 0")
+  check_number(
+    "tol", tol, lambda t: t < 1, "< 1 (CG stops before its first iteration when tol >= 1)"
+  )
+  check_solver(solver)
+  check_int("curvature_batch_size", curvature_batch_size, 1, optional=True)
+  _check_choices(preconditioner=preconditioner)
+  _check_step_control(damping, learning_rate, kl_clip, adaptive_step)
+  _check_choices(fallback=fallback)
   if isinstance(fallback_decay, bool):
     raise ValueError(f"fallback_decay must be a float in [0, 1), got {fallback_decay!r}")
   check_number("fallback_decay", fallback_decay, lambda b: 0 <= b < 1, "a float in [0, 1)")
   check_number("curvature_decay", curvature_decay, lambda b: 0 <= b < 1, "in [0, 1)")
   check_int_or_array("refresh_every", refresh_every, 1)
-  if isinstance(sketch_rank, (jax.Array, np.ndarray)):
-    raise ValueError(
-      f"sketch_rank sets the shapes of the sketches and must be a Python int, got {sketch_rank!r}; "
-      "under optax.inject_hyperparams pass static_args=('sketch_rank',)"
-    )
-  check_int("sketch_rank", sketch_rank, 1)
-  if precision not in PRECISIONS:
-    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-  if curvature_dtype not in CURVATURE_DTYPES:
-    raise ValueError(f"curvature_dtype must be one of {CURVATURE_DTYPES}, got {curvature_dtype!r}")
-  if cg_skip not in (None, *SKIPS):
-    raise ValueError(f"cg_skip must be one of {(None, *SKIPS)}, got {cg_skip!r}")
+  if sketch_rank is not None:
+    check_static_int("sketch_rank", sketch_rank, "sets the shapes of the sketches")
+  if memory_limit is not None:
+    check_static_int("memory_limit", memory_limit, "chooses the solvers when tracing")
+  _check_choices(precision=precision, curvature_dtype=curvature_dtype, cg_skip=cg_skip)

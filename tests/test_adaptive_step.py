@@ -232,15 +232,46 @@ def test_missing_curvature_model_says_what_to_pass():
   params, x, y = problem("squared_error")
   grads, stats = grads_and_stats("squared_error", params, x, y)
   tx = cgfac.cgfac(None, GAMMA)
-  with pytest.raises(ValueError, match="adaptive_step needs params and curvature_model="):
+  with pytest.raises(ValueError, match="the quadratic model needs curvature_model at update: "):
     tx.update(grads, tx.init(params), params, layer_stats=stats)
+
+
+def test_every_missing_input_is_named_in_one_message():
+  params, x, y = problem("squared_error")
+  grads, stats = grads_and_stats("squared_error", params, x, y)
+  tx = cgfac.cgfac()
+  state = tx.init(params)
+  with pytest.raises(ValueError) as info:
+    tx.update(grads, state)
+  message = str(info.value)
+  assert message.startswith(
+    "the quadratic model, adaptive damping and the preconditioner need "
+    "params, layer_stats, curvature_model, value, value_fn at update: "
+    "they all come from the helpers: "
+  ), message
+  for line in (
+    "loss, grads, extra = cgfac_optax.flax.value_grad_and_extra(model, loss=...)"
+    "(params, x, y, key)` (Linen)",
+    "cgfac_optax.flax.nnx_value_grad_and_extra(model, x, y, key, loss=...)` (NNX)",
+    "cgfac_optax.value_grad_and_extra(apply_fn, loss=...)(params, x, y, key)` (pure JAX)",
+    "then `tx.update(grads, state, params, **extra)`",
+  ):
+    assert line in message, line
+  # Only what is missing is named.
+  model = cgfac.CurvatureModel(lambda q: forward(q, x)[0], "squared_error")
+  with pytest.raises(ValueError, match=r"^adaptive damping needs value, value_fn at update: "):
+    tx.update(grads, state, params, layer_stats=stats, curvature_model=model)
+  with pytest.raises(TypeError, match="curvature_model must be a cgfac_optax.CurvatureModel"):
+    tx.update(
+      grads, state, params, layer_stats=stats, curvature_model="model", value=1.0, value_fn=len
+    )
 
 
 @pytest.mark.parametrize(
   ("build", "message"),
   [
-    (lambda: cgfac.cgfac(None, momentum=0.5), "leave momentum and kl_clip unset"),
-    (lambda: cgfac.cgfac(None, kl_clip=1e-2), "leave momentum and kl_clip unset"),
+    (lambda: cgfac.cgfac(None, momentum=0.5), r"where momentum=0.5 does nothing: leave it"),
+    (lambda: cgfac.cgfac(None, kl_clip=1e-2), r"where kl_clip=0.01 does nothing: leave it"),
     (
       lambda: cgfac.scale_by_cgfac(GAMMA, adaptive_step=True, learning_rate=0.1),
       "learning_rate and kl_clip must be None",

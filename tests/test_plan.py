@@ -15,6 +15,9 @@ from cgfac_optax._solvers import SOLVERS, _base
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import oracles  # noqa: E402
 
+# The plans of cgfac(LR): its default solver, "auto", is what these tests are about.
+LR = 0.1
+
 
 def shape(*s, dtype=jnp.float32):
   return jax.ShapeDtypeStruct(s, dtype)
@@ -126,13 +129,13 @@ def test_cg_counts_one_product_per_iteration_plus_the_warm_start():
 def test_few_rows_and_wide_layers_go_matrix_free():
   # A vocabulary projection over all tokens: G (50257^2 floats) cannot be stored.
   params, stats = dense(16, (512,), 512, 50257)
-  head = cgfac.plan({"head": params}, {"head": stats})["head"]
+  head = cgfac.plan({"head": params}, {"head": stats}, learning_rate=LR)["head"]
   assert head.rows == 8192 and head.d_a == 513 and head.d_g == 50257
   assert not head.fits["cg_materialized"] and not head.fits["eigh"]
   assert head.solver == "cg" and head.matrix_free
   # Few rows, wide layer: the exact low-rank solve costs about two and a half products.
   params, stats = dense(64, (), 2048, 2048)
-  wide = cgfac.plan({"w": params}, {"w": stats})["w"]
+  wide = cgfac.plan({"w": params}, {"w": stats}, learning_rate=LR)["w"]
   assert wide.solver == "lowrank" and wide.matrix_free
   assert wide.flops["lowrank"] < wide.flops["cg"] < wide.flops["cg_materialized"]
 
@@ -143,7 +146,7 @@ def test_few_rows_and_wide_layers_go_matrix_free():
 )
 def test_many_rows_and_narrow_layers_go_materialized(examples, positions, d_in, d_out):
   params, stats = dense(examples, positions, d_in, d_out)
-  lp = cgfac.plan({"l": params}, {"l": stats})["l"]
+  lp = cgfac.plan({"l": params}, {"l": stats}, learning_rate=LR)["l"]
   assert lp.rows > 10 * max(lp.d_a, lp.d_g)
   assert lp.solver in ("cg_materialized", "eigh") and not lp.matrix_free
 
@@ -152,13 +155,13 @@ def test_memory_limit_decides_between_fitting_solvers():
   # Many rows, one wide side: fewest flops is matrix-free CG, but its rows x rows
   # middle matrix (16384^2 floats, 1 GiB) does not fit the default limit.
   params, stats = dense(16384, (), 127, 8192)
-  unlimited = cgfac.plan({"l": params}, {"l": stats}, memory_limit=2**60)["l"]
-  default = cgfac.plan({"l": params}, {"l": stats})["l"]
+  unlimited = cgfac.plan({"l": params}, {"l": stats}, learning_rate=LR, memory_limit=2**60)["l"]
+  default = cgfac.plan({"l": params}, {"l": stats}, learning_rate=LR)["l"]
   assert unlimited.solver == "cg"
   assert default.memory_bytes["cg"] == 4 * (16384 * (128 + 8192) + 16384**2) > 2**30
   assert not default.fits["cg"] and default.solver == "cg_materialized"
   # Nothing fits: the least memory wins.
-  none = cgfac.plan({"l": params}, {"l": stats}, memory_limit=1)["l"]
+  none = cgfac.plan({"l": params}, {"l": stats}, learning_rate=LR, memory_limit=1)["l"]
   assert not any(none.fits.values())
   exact = {k: v for k, v in none.memory_bytes.items() if SOLVERS[k].exact}
   assert none.solver == min(exact, key=exact.get)
@@ -199,7 +202,7 @@ def test_auto_runs_the_planned_solver_per_layer():
     "wide": {"kernel": x_w.T @ g_w / 4},
     "tall": {"kernel": jnp.einsum("btd,bte->de", x_t, g_t) / 64},
   }
-  p = cgfac.plan(params, stats)
+  p = cgfac.plan(params, stats, learning_rate=LR)
   assert p["wide"].solver == "lowrank" and p["tall"].solver == "cg_materialized"
 
   def run(solver):

@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 
 import cgfac_optax as cgfac
-from cgfac_optax._solvers._base import default_precision
+from cgfac_optax import _memory
+from cgfac_optax._layers import CurvatureRows
+from cgfac_optax._solvers import SOLVERS, _base
+from cgfac_optax._solvers._base import Arithmetic, default_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -83,6 +86,58 @@ def test_precision_reaches_every_curvature_product(option, want):
   # "pcg"'s operator and preconditioner too; jnp.linalg.inv keeps its own inside the LU solve.
   update, args, _ = _update("pcg", precision=option)
   assert want in _precisions(update, args)
+
+
+# The inverses of "pcg" and "kfac_inverse" come from jnp.linalg.inv, whose LU solve runs its own
+# products; every other solver's products are all the library's.
+INVERTING = ("pcg", "kfac_inverse")
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_every_solver_runs_every_product_at_the_precision(solver):
+  update, args, _ = _update(solver, precision="default")
+  found = _precisions(update, args)
+  if solver in INVERTING:
+    assert jax.lax.Precision.DEFAULT in found, found
+  else:
+    assert found == {jax.lax.Precision.DEFAULT}, found
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS))
+def test_a_solver_called_directly_takes_its_arithmetic_as_an_argument(solver):
+  """Outside the transformation, the arithmetic is what the call passes (default: ACCURATE)."""
+  method = SOLVERS[solver]
+  _, grads, stats = _layer()
+  rows = CurvatureRows(stats["dense"].inputs, stats["dense"].output_grads, 1 / 64, 1 / 64)
+  v = oracles.as_matrix(grads["dense"])[:48]
+  bf16 = jnp.dtype(jnp.bfloat16)
+  for arithmetic, want in [
+    (None, jax.lax.Precision.HIGHEST),
+    (Arithmetic(jax.lax.Precision.HIGH), jax.lax.Precision.HIGH),
+    (Arithmetic(jax.lax.Precision.DEFAULT, bf16), jax.lax.Precision.DEFAULT),
+  ]:
+    given = {} if arithmetic is None else {"arithmetic": arithmetic}
+
+    def apply(a, g, v, given=given):
+      rows_ = CurvatureRows(a, g, rows.scale_a, rows.scale_g)
+      curvature = _memory.batch_curvature(method, rows_, DAMPING, **given)
+      data = method.prepare(curvature, DAMPING, **given)
+      return method.operator(data, v) if method.iterative else method.solve(data, v)
+
+    dots = _dots(jax.make_jaxpr(apply)(rows.a, rows.g, v).jaxpr)
+    found = {p for eqn in dots for p in (eqn.params["precision"] or (None,))}
+    assert want in found and (solver in INVERTING or found == {want}), (arithmetic, found)
+
+
+def test_the_arithmetic_is_not_a_global_setting():
+  assert not hasattr(_base, "arithmetic") and not hasattr(_base, "_ARITHMETIC")
+  assert _base.ACCURATE == _base.Arithmetic()
+  # As static pytree data it is no leaf of the solvers' data: jit and tree maps pass it by.
+  rows = CurvatureRows(jnp.ones((3, 2)), jnp.ones((3, 2)), 1.0, 1.0)
+  data = SOLVERS["cg"].prepare(rows, 0.1)
+  leaves = jax.tree.leaves(data)
+  assert not any(isinstance(x, (Arithmetic, jax.lax.Precision)) for x in leaves), leaves
+  assert data.arithmetic == _base.ACCURATE
 
 
 def test_platform_defaults():

@@ -256,7 +256,7 @@ def _demo_plan(**kwargs):
   widths = [(784, 256), (256, 128), (128, 10)]
   params = {f"Dense_{i}": {"kernel": sds(a, b), "bias": sds(b)} for i, (a, b) in enumerate(widths)}
   stats = {f"Dense_{i}": cgfac.DenseStats(sds(B, a), sds(B, b)) for i, (a, b) in enumerate(widths)}
-  return cgfac.plan(params, stats, **kwargs)
+  return cgfac.plan(params, stats, learning_rate=0.1, **kwargs)  # cgfac(0.1)'s: "auto"
 
 
 def test_plan_communication_is_what_the_compiled_step_exchanges():

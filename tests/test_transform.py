@@ -211,7 +211,9 @@ def _update(tx=None, params=None, grads=None, **kwargs):
 
 
 def test_missing_layer_stats():
-  with pytest.raises(ValueError, match=r"layer_stats=stats.*value_grad_and_stats.*DenseStats"):
+  with pytest.raises(
+    ValueError, match=r"needs layer_stats at update.*value_grad_and_extra.*DenseStats"
+  ):
     _update()
 
 

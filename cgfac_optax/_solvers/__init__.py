@@ -13,4 +13,8 @@ SOLVERS: dict[str, Solver] = {
   s.name: s for s in (CG, CG_MATERIALIZED, EIGH, LOWRANK, PCG, KFAC_INVERSE, SKETCH)
 }
 
-__all__ = ["SOLVERS", "Solver"]
+# solver="auto_memory" takes, per layer, the first of these whose curvature memory fits the
+# memory limit: K-FAC's preconditioned CG on averaged factors, else their sketches.
+AUTO_MEMORY: tuple[str, ...] = (PCG.name, SKETCH.name)
+
+__all__ = ["AUTO_MEMORY", "SOLVERS", "Solver"]

@@ -33,9 +33,8 @@ layer; a new solver is one new record in :data:`cgfac_optax._solvers.SOLVERS`.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -96,6 +95,26 @@ class Solver(NamedTuple):
   def iterative(self) -> bool:
     return self.operator is not None
 
+  @property
+  def keeps_memory(self) -> bool:
+    """Whether it can keep curvature memory (averaged factors or sketches) between steps."""
+    return self.curvature != "rows"
+
+  def reads(self, option: str) -> bool:
+    """Whether the option of :data:`SOLVER_OPTIONS` named ``option`` changes what it does."""
+    return _READS[option](self)
+
+
+# The options of scale_by_cgfac that only some solvers read, and which ones read them.
+_READS: dict[str, Callable[[Solver], bool]] = {
+  "curvature_decay": lambda s: s.keeps_memory,
+  "refresh_every": lambda s: s.refresh is not None,
+  "sketch_rank": lambda s: s.curvature == "sketch",
+  # Jacobi is for CG without a preconditioner of its own; a direct solver has none either.
+  "preconditioner": lambda s: s.diagonal is not None,
+}
+SOLVER_OPTIONS = tuple(_READS)
+
 
 MatmulPrecision = Literal["default", "high", "highest"]
 
@@ -112,8 +131,18 @@ def default_precision(platform: str) -> MatmulPrecision:
   return DEFAULT_PRECISION.get(platform, "highest")
 
 
-class Arithmetic(NamedTuple):
-  """How the curvature products run.
+@dataclasses.dataclass(frozen=True)
+class Arithmetic:
+  """How a solver's curvature products run: an argument, never a global setting.
+
+  Every solver function that multiplies curvature data takes one: ``prepare``
+  (the data it returns carries it on to the operator, preconditioner and solve,
+  as static pytree data without leaves), :func:`factors`, the sketch update and
+  the thin eigenbasis of ``"lowrank"``. Called directly, they default to
+  :data:`ACCURATE` (``Arithmetic()``): every product at ``HIGHEST`` precision in
+  the solve's dtype, what ``scale_by_cgfac(precision=None)`` means on a CPU.
+  :func:`cgfac_optax.scale_by_cgfac` passes :func:`arithmetic_for` of its
+  ``precision`` and ``curvature_dtype`` options.
 
   Attributes:
     precision: the precision of every matmul of the curvature data (``jax.lax.Precision``).
@@ -126,31 +155,22 @@ class Arithmetic(NamedTuple):
   curvature_dtype: Any = None
 
 
-_DEFAULT_ARITHMETIC = Arithmetic()  # what the solvers' own tests and direct calls get
-_ARITHMETIC: contextvars.ContextVar[Arithmetic] = contextvars.ContextVar(
-  "cgfac_arithmetic", default=_DEFAULT_ARITHMETIC
-)
+jax.tree_util.register_static(Arithmetic)
+
+ACCURATE = Arithmetic()  # what a solver function called directly uses unless told otherwise
 
 
-@contextlib.contextmanager
-def arithmetic(precision: MatmulPrecision = "highest", curvature_dtype=None) -> Iterator[None]:
-  """Traces the solvers' products inside it at ``precision`` with ``curvature_dtype`` data.
-
-  The setting is read when the products are traced (as ``jax.default_matmul_precision`` is),
-  so a jitted function picks it up from the trace it was built in.
-  """
-  p = jax.lax.Precision[precision.upper()]
-  dtype = None if curvature_dtype is None else jnp.dtype(curvature_dtype)
-  token = _ARITHMETIC.set(Arithmetic(p, dtype))
-  try:
-    yield
-  finally:
-    _ARITHMETIC.reset(token)
+def arithmetic_for(
+  precision: MatmulPrecision | None, curvature_dtype: Any, platform: str
+) -> Arithmetic:
+  """The arithmetic of the options ``precision`` (``None``: ``platform``'s default) and dtype."""
+  p = jax.lax.Precision[(precision or default_precision(platform)).upper()]
+  return Arithmetic(p, None if curvature_dtype is None else jnp.dtype(curvature_dtype))
 
 
-def curvature_array(x: jax.Array) -> jax.Array:
-  """``x`` in the curvature dtype of the current :func:`arithmetic` (unchanged without one)."""
-  dtype = _ARITHMETIC.get().curvature_dtype
+def curvature_array(x: jax.Array, arithmetic: Arithmetic) -> jax.Array:
+  """``x`` in the curvature dtype of ``arithmetic`` (unchanged without one)."""
+  dtype = arithmetic.curvature_dtype
   return x if dtype is None else x.astype(dtype)
 
 
@@ -159,8 +179,10 @@ def solve_dtype(x: jax.Array):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _dot(x: jax.Array, y: jax.Array, contracting: tuple[int, int]) -> jax.Array:
-  """A product at the current precision, accumulated in at least float32.
+def _dot(
+  x: jax.Array, y: jax.Array, contracting: tuple[int, int], arithmetic: Arithmetic
+) -> jax.Array:
+  """A product at ``arithmetic``'s precision, accumulated in at least float32.
 
   When one operand is a 16-bit float (curvature data in bfloat16), the other is rounded to it,
   so the product runs on the 16-bit path; the result is float32 (or wider).
@@ -174,32 +196,34 @@ def _dot(x: jax.Array, y: jax.Array, contracting: tuple[int, int]) -> jax.Array:
     x.astype(operand),
     y.astype(operand),
     dims,
-    precision=_ARITHMETIC.get().precision,
+    precision=arithmetic.precision,
     preferred_element_type=out,
   )
 
 
-def matmul(x: jax.Array, y: jax.Array) -> jax.Array:
-  """``x @ y`` at the current :func:`arithmetic`."""
-  return _dot(x, y, (x.ndim - 1, 0))
+def matmul(x: jax.Array, y: jax.Array, arithmetic: Arithmetic) -> jax.Array:
+  """``x @ y`` at ``arithmetic``'s precision."""
+  return _dot(x, y, (x.ndim - 1, 0), arithmetic)
 
 
-def matmul_t(x: jax.Array, y: jax.Array) -> jax.Array:
+def matmul_t(x: jax.Array, y: jax.Array, arithmetic: Arithmetic) -> jax.Array:
   """``x @ y.T``, contracting the columns of both.
 
   With the rows of ``y`` sharded over devices, the partitioner then gathers ``y`` once for
   this and any other product with it, rather than once per layout (``y`` and ``y.T``).
   """
-  return _dot(x, y, (1, 1))
+  return _dot(x, y, (1, 1), arithmetic)
 
 
-def factors(rows: CurvatureRows) -> Factors:
+def factors(rows: CurvatureRows, arithmetic: Arithmetic = ACCURATE) -> Factors:
   """The materialized factors ``A = s_A a^T a`` and ``G = s_G g^T g``.
 
-  From rows in the curvature dtype, accumulated in at least float32.
+  From rows in ``arithmetic``'s curvature dtype, accumulated in at least float32.
   """
-  a, g = curvature_array(rows.a), curvature_array(rows.g)
-  return Factors(rows.scale_a * matmul(a.T, a), rows.scale_g * matmul(g.T, g))
+  a, g = curvature_array(rows.a, arithmetic), curvature_array(rows.g, arithmetic)
+  return Factors(
+    rows.scale_a * matmul(a.T, a, arithmetic), rows.scale_g * matmul(g.T, g, arithmetic)
+  )
 
 
 class Factors(NamedTuple):
@@ -230,16 +254,26 @@ class EigenFactors(NamedTuple):
   damping: jax.Array  # shape=()
 
 
-def in_eigenbasis(data: EigenFactors, v: jax.Array) -> jax.Array:
+class EigenData(NamedTuple):
+  """What ``"eigh"`` and ``"lowrank"`` solve with: eigenbases, damping, and the arithmetic."""
+
+  basis: EigenFactors
+  arithmetic: Arithmetic
+
+
+def in_eigenbasis(data: EigenData, v: jax.Array) -> jax.Array:
   """``Q_A^T V Q_G``."""
-  return matmul(matmul(data.q_a.T, v), data.q_g)
+  b, ar = data.basis, data.arithmetic
+  return matmul(matmul(b.q_a.T, v, ar), b.q_g, ar)
 
 
-def from_eigenbasis(data: EigenFactors, c: jax.Array) -> jax.Array:
+def from_eigenbasis(data: EigenData, c: jax.Array) -> jax.Array:
   """``Q_A C Q_G^T``."""
-  return matmul(matmul(data.q_a, c), data.q_g.T)
+  b, ar = data.basis, data.arithmetic
+  return matmul(matmul(b.q_a, c, ar), b.q_g.T, ar)
 
 
-def damped_eigenvalues(data: EigenFactors) -> jax.Array:
+def damped_eigenvalues(data: EigenData) -> jax.Array:
   """``l_A l_G^T + damping``: the eigenvalues of the damped block on the bases' span."""
-  return jnp.outer(data.l_a, data.l_g) + data.damping
+  b = data.basis
+  return jnp.outer(b.l_a, b.l_g) + b.damping

@@ -23,30 +23,39 @@ import jax
 import jax.numpy as jnp
 
 from cgfac_optax._layers import CurvatureRows, LayerShape
-from cgfac_optax._solvers._base import Solver, curvature_array, matmul, matmul_t, solve_dtype
+from cgfac_optax._solvers._base import (
+  ACCURATE,
+  Arithmetic,
+  Solver,
+  curvature_array,
+  matmul,
+  matmul_t,
+  solve_dtype,
+)
 
 
 class RowsData(NamedTuple):
   rows: CurvatureRows
   scale: jax.Array  # shape=(): s_A s_G
   damping: jax.Array  # shape=()
+  arithmetic: Arithmetic
 
 
-def prepare(rows: CurvatureRows, damping) -> RowsData:
+def prepare(rows: CurvatureRows, damping, arithmetic: Arithmetic = ACCURATE) -> RowsData:
   dtype = solve_dtype(rows.a)
   scale = jnp.asarray(rows.scale_a * rows.scale_g, dtype)
-  rows = rows._replace(a=curvature_array(rows.a), g=curvature_array(rows.g))
-  return RowsData(rows, scale, jnp.asarray(damping, dtype))
+  a, g = curvature_array(rows.a, arithmetic), curvature_array(rows.g, arithmetic)
+  return RowsData(rows._replace(a=a, g=g), scale, jnp.asarray(damping, dtype), arithmetic)
 
 
 def kronecker_product(data: RowsData, v: jax.Array) -> jax.Array:
   """``A V G`` from the rows alone."""
-  a, g = data.rows.a, data.rows.g
+  a, g, ar = data.rows.a, data.rows.g, data.arithmetic
   if a.shape[1] <= g.shape[1]:
-    k = matmul(a, matmul_t(v, g))  # rows x rows, via d_A x rows
-    return data.scale * matmul(matmul(a.T, k), g)
-  k = matmul_t(matmul(a, v), g)  # rows x rows, via rows x d_G
-  return data.scale * matmul(a.T, matmul(k, g))
+    k = matmul(a, matmul_t(v, g, ar), ar)  # rows x rows, via d_A x rows
+    return data.scale * matmul(matmul(a.T, k, ar), g, ar)
+  k = matmul_t(matmul(a, v, ar), g, ar)  # rows x rows, via rows x d_G
+  return data.scale * matmul(a.T, matmul(k, g, ar), ar)
 
 
 def operator(data: RowsData, v: jax.Array) -> jax.Array:

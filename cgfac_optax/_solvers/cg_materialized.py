@@ -17,23 +17,33 @@ import jax
 import jax.numpy as jnp
 
 from cgfac_optax._layers import LayerShape
-from cgfac_optax._solvers._base import Solver, curvature_array, form_factors_flops, matmul
+from cgfac_optax._solvers._base import (
+  ACCURATE,
+  Arithmetic,
+  Solver,
+  curvature_array,
+  form_factors_flops,
+  matmul,
+)
 
 
 class FactorsData(NamedTuple):
   a: jax.Array  # d_A x d_A, the factor A
   g: jax.Array  # d_G x d_G, the factor G
   damping: jax.Array  # shape=()
+  arithmetic: Arithmetic
 
 
-def prepare(curvature, damping) -> FactorsData:
+def prepare(curvature, damping, arithmetic: Arithmetic = ACCURATE) -> FactorsData:
   f = curvature.factors
   damping = jnp.asarray(damping, f.a.dtype)
-  return FactorsData(curvature_array(f.a), curvature_array(f.g), damping)
+  a, g = curvature_array(f.a, arithmetic), curvature_array(f.g, arithmetic)
+  return FactorsData(a, g, damping, arithmetic)
 
 
 def operator(data: FactorsData, v: jax.Array) -> jax.Array:
-  return matmul(matmul(data.a, v), data.g) + data.damping * v
+  ar = data.arithmetic
+  return matmul(matmul(data.a, v, ar), data.g, ar) + data.damping * v
 
 
 def diagonal(data: FactorsData) -> jax.Array:

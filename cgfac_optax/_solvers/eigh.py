@@ -23,6 +23,9 @@ import jax.numpy as jnp
 from cgfac_optax._layers import LayerShape
 from cgfac_optax._solvers import cg_materialized
 from cgfac_optax._solvers._base import (
+  ACCURATE,
+  Arithmetic,
+  EigenData,
   EigenFactors,
   FactorCurvature,
   Factors,
@@ -46,13 +49,13 @@ def eigenbasis(f: Factors, damping=None) -> EigenFactors:
   return EigenFactors(q_a, jnp.maximum(l_a, 0), q_g, jnp.maximum(l_g, 0), zero)
 
 
-def prepare(curvature: FactorCurvature, damping) -> EigenFactors:
+def prepare(curvature: FactorCurvature, damping, arithmetic: Arithmetic = ACCURATE) -> EigenData:
   """The eigenbasis (fresh, or kept from the last refresh with curvature memory) and damping."""
   b = curvature.refreshed
-  return b._replace(damping=jnp.asarray(damping, b.l_a.dtype))
+  return EigenData(b._replace(damping=jnp.asarray(damping, b.l_a.dtype)), arithmetic)
 
 
-def solve(data: EigenFactors, v: jax.Array) -> jax.Array:
+def solve(data: EigenData, v: jax.Array) -> jax.Array:
   return from_eigenbasis(data, in_eigenbasis(data, v) / damped_eigenvalues(data))
 
 

@@ -19,21 +19,34 @@ counted whole (``2 (d_A^3 + d_G^3)``); memory ``2 (d_A^2 + d_G^2)``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 
 from cgfac_optax._layers import LayerShape
 from cgfac_optax._solvers import cg_materialized, pcg
-from cgfac_optax._solvers._base import FactorCurvature, Solver, form_factors_flops
+from cgfac_optax._solvers._base import (
+  ACCURATE,
+  Arithmetic,
+  FactorCurvature,
+  Solver,
+  form_factors_flops,
+)
 from cgfac_optax._solvers.pcg import Inverses
 
 
-def prepare(curvature: FactorCurvature, damping) -> Inverses:
+class InversesData(NamedTuple):
+  inverses: Inverses
+  arithmetic: Arithmetic
+
+
+def prepare(curvature: FactorCurvature, damping, arithmetic: Arithmetic = ACCURATE) -> InversesData:
   del damping  # in the inverses since their refresh
-  return curvature.refreshed
+  return InversesData(curvature.refreshed, arithmetic)
 
 
-def solve(data: Inverses, v: jax.Array) -> jax.Array:
-  return pcg.apply_inverses(data, v)
+def solve(data: InversesData, v: jax.Array) -> jax.Array:
+  return pcg.apply_inverses(data.inverses, v, data.arithmetic)
 
 
 def flops(shape: LayerShape, cg_iters: int, data_shards: int) -> float:

@@ -26,6 +26,9 @@ import jax.numpy as jnp
 
 from cgfac_optax._layers import CurvatureRows, LayerShape
 from cgfac_optax._solvers._base import (
+  ACCURATE,
+  Arithmetic,
+  EigenData,
   EigenFactors,
   Solver,
   damped_eigenvalues,
@@ -36,31 +39,35 @@ from cgfac_optax._solvers._base import (
 )
 
 
-def thin_eigenbasis(x: jax.Array, scale) -> tuple[jax.Array, jax.Array]:
+def thin_eigenbasis(
+  x: jax.Array, scale, arithmetic: Arithmetic = ACCURATE
+) -> tuple[jax.Array, jax.Array]:
   """Orthonormal eigenvectors of ``scale x^T x`` and their eigenvalues, from ``x x^T``.
 
   Directions whose eigenvalue is at rounding level are dropped (their column
   is set to zero), so rank-deficient rows never divide by zero.
   """
-  s, u = jnp.linalg.eigh(matmul(x, x.T))
+  s, u = jnp.linalg.eigh(matmul(x, x.T, arithmetic))
   eps = jnp.finfo(x.dtype).eps
   keep = s > eps * x.shape[0] * jnp.max(jnp.abs(s), initial=0.0)
   inv_sqrt = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, s, 1.0)), 0.0)
-  basis = matmul(x.T, u * inv_sqrt)
+  basis = matmul(x.T, u * inv_sqrt, arithmetic)
   return basis, jnp.where(keep, s, 0.0) * scale
 
 
-def prepare(rows: CurvatureRows, damping) -> EigenFactors:
-  q_a, l_a = thin_eigenbasis(rows.a, rows.scale_a)
-  q_g, l_g = thin_eigenbasis(rows.g, rows.scale_g)
-  return EigenFactors(q_a, l_a, q_g, l_g, jnp.asarray(damping, rows.a.dtype))
+def prepare(rows: CurvatureRows, damping, arithmetic: Arithmetic = ACCURATE) -> EigenData:
+  """Thin eigenbases of both factors from the rows (kept in the solve's dtype)."""
+  q_a, l_a = thin_eigenbasis(rows.a, rows.scale_a, arithmetic)
+  q_g, l_g = thin_eigenbasis(rows.g, rows.scale_g, arithmetic)
+  damping = jnp.asarray(damping, rows.a.dtype)
+  return EigenData(EigenFactors(q_a, l_a, q_g, l_g, damping), arithmetic)
 
 
-def solve(data: EigenFactors, v: jax.Array) -> jax.Array:
+def solve(data: EigenData, v: jax.Array) -> jax.Array:
   c = in_eigenbasis(data, v)
   rest = v - from_eigenbasis(data, c)
   rest = rest - from_eigenbasis(data, in_eigenbasis(data, rest))
-  return from_eigenbasis(data, c / damped_eigenvalues(data)) + rest / data.damping
+  return from_eigenbasis(data, c / damped_eigenvalues(data)) + rest / data.basis.damping
 
 
 def flops(shape: LayerShape, cg_iters: int, data_shards: int) -> float:

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from cgfac_optax._layers import LayerShape
 from cgfac_optax._solvers import cg_materialized
 from cgfac_optax._solvers._base import (
+  ACCURATE,
+  Arithmetic,
   FactorCurvature,
   Factors,
   Solver,
@@ -79,8 +81,10 @@ def factored_inverses(f: Factors, damping) -> Inverses:
   return Inverses(inverse(f.a, shift_a), inverse(f.g, shift_g))
 
 
-def prepare(curvature: FactorCurvature, damping) -> PreconditionedData:
-  operator = cg_materialized.prepare(curvature, damping)
+def prepare(
+  curvature: FactorCurvature, damping, arithmetic: Arithmetic = ACCURATE
+) -> PreconditionedData:
+  operator = cg_materialized.prepare(curvature, damping, arithmetic)
   return PreconditionedData(operator, curvature.refreshed)
 
 
@@ -88,12 +92,12 @@ def operator(data: PreconditionedData, v: jax.Array) -> jax.Array:
   return cg_materialized.operator(data.operator, v)
 
 
-def apply_inverses(inverses: Inverses, r: jax.Array) -> jax.Array:
-  return matmul(matmul(inverses.a, r), inverses.g)
+def apply_inverses(inverses: Inverses, r: jax.Array, arithmetic: Arithmetic) -> jax.Array:
+  return matmul(matmul(inverses.a, r, arithmetic), inverses.g, arithmetic)
 
 
 def preconditioner(data: PreconditionedData, r: jax.Array) -> jax.Array:
-  return apply_inverses(data.inverses, r)
+  return apply_inverses(data.inverses, r, data.operator.arithmetic)
 
 
 def flops(shape: LayerShape, cg_iters: int, data_shards: int) -> float:

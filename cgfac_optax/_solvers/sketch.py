@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from cgfac_optax._layers import CurvatureRows, LayerShape
-from cgfac_optax._solvers._base import Solver, matmul
+from cgfac_optax._solvers._base import ACCURATE, Arithmetic, Solver, matmul
 from cgfac_optax._solvers.pcg import factored_shifts
 
 DEFAULT_RANK = 64
@@ -81,6 +81,7 @@ class SketchData(NamedTuple):
   g: Sketch
   shift_a: jax.Array  # shape=(), pi sqrt(gamma)
   shift_g: jax.Array  # shape=(), sqrt(gamma) / pi
+  arithmetic: Arithmetic
 
 
 def empty(d: int, rank: int, dtype) -> Sketch:
@@ -101,7 +102,7 @@ def tail(s: Sketch) -> jax.Array:
   return jnp.maximum(s.trace - jnp.sum(s.values), 0.0) / (d - k)
 
 
-def update(s: Sketch, x: jax.Array, scale, beta) -> Sketch:
+def update(s: Sketch, x: jax.Array, scale, beta, arithmetic: Arithmetic = ACCURATE) -> Sketch:
   """The sketch of ``beta * (average) + (1 - beta) * scale * x^T x`` (module docstring)."""
   d, k = s.q.shape
   dtype = s.q.dtype
@@ -113,12 +114,12 @@ def update(s: Sketch, x: jax.Array, scale, beta) -> Sketch:
   eps = jnp.finfo(dtype).eps
   if k + rows <= d:
     y = jnp.concatenate([old, new.T], axis=1)  # d x (k + rows)
-    e, u = jnp.linalg.eigh(matmul(y.T, y))
+    e, u = jnp.linalg.eigh(matmul(y.T, y, arithmetic))
     e, u = e[-k:], u[:, -k:]
     keep = e > eps * (k + rows) * jnp.max(jnp.abs(e), initial=0.0)
-    q = matmul(y, u * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, e, 1.0)), 0.0))
+    q = matmul(y, u * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, e, 1.0)), 0.0), arithmetic)
   else:
-    e, q = jnp.linalg.eigh(matmul(old, old.T) + matmul(new.T, new))
+    e, q = jnp.linalg.eigh(matmul(old, old.T, arithmetic) + matmul(new.T, new, arithmetic))
     e, q = e[-k:], q[:, -k:]
     keep = e > eps * d * jnp.max(jnp.abs(e), initial=0.0)
     q = jnp.where(keep, q, 0.0)
@@ -128,11 +129,13 @@ def update(s: Sketch, x: jax.Array, scale, beta) -> Sketch:
   return Sketch(q, jnp.where(keep | ~jnp.isfinite(e), e, 0.0), trace)
 
 
-def update_memory(memory: SketchMemory, rows: CurvatureRows, beta) -> SketchMemory:
+def update_memory(
+  memory: SketchMemory, rows: CurvatureRows, beta, arithmetic: Arithmetic = ACCURATE
+) -> SketchMemory:
   """Both sketches after this step's rows, with the decay ``beta`` of this step."""
   return SketchMemory(
-    update(memory.a, rows.a, rows.scale_a, beta),
-    update(memory.g, rows.g, rows.scale_g, beta),
+    update(memory.a, rows.a, rows.scale_a, beta, arithmetic),
+    update(memory.g, rows.g, rows.scale_g, beta, arithmetic),
   )
 
 
@@ -143,10 +146,11 @@ def dense(s: Sketch) -> jax.Array:
   return (s.q * (s.values - sigma)) @ s.q.T + sigma * jnp.eye(d, dtype=s.q.dtype)
 
 
-def prepare(memory: SketchMemory, damping) -> SketchData:
+def prepare(memory: SketchMemory, damping, arithmetic: Arithmetic = ACCURATE) -> SketchData:
   ta = memory.a.trace / memory.a.q.shape[0]
   tg = memory.g.trace / memory.g.q.shape[0]
-  return SketchData(memory.a, memory.g, *factored_shifts(ta, tg, damping, memory.a.q.dtype))
+  shifts = factored_shifts(ta, tg, damping, memory.a.q.dtype)
+  return SketchData(memory.a, memory.g, *shifts, arithmetic)
 
 
 def _inverse_coefficients(s: Sketch, shift) -> tuple[jax.Array, jax.Array]:
@@ -158,8 +162,9 @@ def _inverse_coefficients(s: Sketch, shift) -> tuple[jax.Array, jax.Array]:
 def solve(data: SketchData, v: jax.Array) -> jax.Array:
   span_a, off_a = _inverse_coefficients(data.a, data.shift_a)
   span_g, off_g = _inverse_coefficients(data.g, data.shift_g)
-  left = off_a * v + matmul(data.a.q * span_a, matmul(data.a.q.T, v))
-  return off_g * left + matmul(matmul(left, data.g.q), (data.g.q * span_g).T)
+  ar = data.arithmetic
+  left = off_a * v + matmul(data.a.q * span_a, matmul(data.a.q.T, v, ar), ar)
+  return off_g * left + matmul(matmul(left, data.g.q, ar), (data.g.q * span_g).T, ar)
 
 
 def _sketch_flops(d: int, rows: int, k: int) -> float:

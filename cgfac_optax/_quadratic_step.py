@@ -1,0 +1,129 @@
+"""The quadratic-model step policy: step size and momentum from the local quadratic model.
+
+The output is the whole step ``-delta``, ``delta = alpha D + mu delta_prev``,
+with ``D`` the negated preconditioned gradient (every parameter, fallback
+included) and ``(alpha, mu)`` the minimizer of the damped quadratic model of
+the loss in the plane of ``D`` and the previous step (:mod:`._quadratic` holds
+the math: the exact Fisher's Gram matrix from two Jacobian-vector products, and
+the 2x2 solve). The chain negates it, with no learning rate or momentum after
+it. Given the loss ``value``, a step along which the undamped model predicts a
+decrease of more than half the loss is shortened to where it predicts exactly
+half (:func:`bounded_by_loss`), and adaptive damping is raised on that step.
+The undamped model's change at ``delta`` is what Levenberg-Marquardt damping
+compares the loss at ``params + delta`` to.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from cgfac_optax import _finite, _quadratic
+from cgfac_optax._clipping import no_clip
+from cgfac_optax._policy import Step, StepInputs, StepPolicy
+
+# The largest share of the loss one step may be predicted to remove (see bounded_by_loss).
+MAX_PREDICTED_DECREASE = 0.5
+
+
+def bounded_by_loss(x, undamped, b, value):
+  """``(t x, M(t x), shortened)``: the coefficients cut to a predicted decrease of half the loss.
+
+  The losses of the table are never negative, so no step can lower the loss by
+  more than its value ``L``, and a quadratic model that predicts a large share
+  of that from one step is extrapolating: one batch's exact model with a small
+  damping fits that batch (on a classifier, cutting its loss while the test
+  loss rises), or a nearly singular 2x2 system picks huge coefficients. Where
+  the undamped model ``M(x) = 1/2 x^T U x + b^T x`` predicts more than
+  ``L_max = MAX_PREDICTED_DECREASE * L`` (one half), the step is shortened
+  along itself to the first point where ``M(t x) = -L_max``, the smaller root
+  ``t`` of ``q t^2 + p t + L_max = 0`` with ``p = b^T x < 0`` and ``q = 1/2
+  x^T U x >= 0``, in the form that stays exact when ``q = 0``: ``t = 2 L_max /
+  (-p + sqrt(p^2 - 4 q L_max))``. With no ``value``, or one that is not finite
+  and positive, nothing changes.
+  """
+  predicted = 0.5 * x @ undamped @ x + b @ x
+  if value is None:
+    return x, predicted, jnp.asarray(False)
+  bound = MAX_PREDICTED_DECREASE * jnp.asarray(value, predicted.dtype)
+  valid = jnp.isfinite(bound) & (bound > 0)
+  shortened = valid & (predicted < -bound)
+  p = b @ x
+  q = 0.5 * x @ undamped @ x
+  root = jnp.sqrt(jnp.maximum(jnp.square(p) - 4 * q * bound, 0))
+  t = jnp.where(shortened, 2 * bound / jnp.where(shortened, root - p, 1), 1)
+  t = jnp.clip(t, 0, 1)
+  x = t * x
+  return x, 0.5 * x @ undamped @ x + b @ x, shortened
+
+
+def _coefficients(model, params, direction, previous, g, gamma, treedef):
+  """``(alpha, mu)`` of the damped model, the undamped Gram matrix, and ``b``."""
+  vectors = [treedef.unflatten(direction), treedef.unflatten(previous)]
+  undamped = _quadratic.gram(model, params, vectors)
+  dtype = undamped.dtype
+  dot = lambda xs, ys: sum(jnp.vdot(x.astype(dtype), y.astype(dtype)) for x, y in zip(xs, ys))
+  norms = jnp.array(
+    [[dot(direction, direction), dot(direction, previous)], [0.0, dot(previous, previous)]]
+  )
+  norms = norms.at[1, 0].set(norms[0, 1])
+  b = jnp.stack([dot(g, direction), dot(g, previous)])
+  damped = undamped + jnp.asarray(gamma, dtype) * norms
+  x, _ = _quadratic.step_coefficients(damped, b)
+  return x, undamped, b
+
+
+def quadratic_step(out, grads, previous, params, model, gamma, treedef, value=None) -> Step:
+  """``-delta`` by leaf, ``(alpha, mu)``, the undamped model's change at ``delta``, the probe.
+
+  ``D = -out`` is the preconditioned direction (every parameter, fallback
+  included). A non-finite ``D`` or gradient makes the whole step zero. With
+  the loss ``value`` the step is never predicted to remove more than half of
+  it (:func:`bounded_by_loss`).
+  """
+  previous = treedef.flatten_up_to(previous)
+  direction = [-u for u in out]
+  finite = _finite.all_finite(*direction, *grads, *previous)
+  direction = [jnp.where(finite, d, 0) for d in direction]
+  previous = [jnp.where(finite, p, 0) for p in previous]
+  g = [jnp.where(finite, x, 0) for x in grads]
+  x, undamped, b = _coefficients(model, params, direction, previous, g, gamma, treedef)
+  x = jnp.where(finite, x, 0)
+  x, predicted, shortened = bounded_by_loss(x, undamped, b, value)
+  delta = [(x[0] * d + x[1] * p).astype(u.dtype) for d, p, u in zip(direction, previous, out)]
+  param_leaves = treedef.flatten_up_to(params)
+  probe = lambda: treedef.unflatten([(p + d).astype(p.dtype) for p, d in zip(param_leaves, delta)])
+  out = [-d for d in delta]
+  return Step(out, treedef.unflatten(delta), x.astype(jnp.float32), predicted, probe, shortened)
+
+
+def _step(inputs: StepInputs) -> Step:
+  model = inputs.curvature_model
+  if not isinstance(model, _quadratic.CurvatureModel):
+    raise TypeError(
+      "curvature_model must be a cgfac_optax.CurvatureModel(outputs_fn, loss), "
+      f"got {type(model).__name__}"
+    )
+  state, grads = inputs.state, inputs.leaves.grads
+  step = quadratic_step(
+    inputs.pre.out,
+    grads,
+    state.previous_update,
+    inputs.params,
+    model,
+    inputs.gamma,
+    inputs.leaves.treedef,
+    inputs.value,
+  )
+  # One step over all parameters: a non-finite gradient or step skips it whole.
+  return step._replace(ok=_finite.all_finite(*grads, *step.out, step.coefficients))
+
+
+POLICY = StepPolicy(
+  name="the quadratic model's step",
+  needs={"params": "the quadratic model", "curvature_model": "the quadratic model"},
+  init=lambda params: (optax.tree.zeros_like(params), jnp.zeros([2], jnp.float32)),
+  scale=lambda solved, count: no_clip(jnp.float32),
+  step=_step,
+  options_ok=lambda count: jnp.ones([], bool),
+)
