@@ -11,7 +11,14 @@ import optax
 from cgfac_optax import _control, _modes, _options
 from cgfac_optax._damping import AdaptiveDamping
 from cgfac_optax._modes import ADAPTIVE_DEFAULTS, FIXED_RATE_DEFAULTS, KL_CLIP, MOMENTUM, UNSET
-from cgfac_optax._options import CGSkip, CurvatureDtype, Fallback, Preconditioner, SolverOption
+from cgfac_optax._options import (
+  CGSkip,
+  CurvatureDtype,
+  Fallback,
+  Preconditioner,
+  SolverOption,
+  WeightSharing,
+)
 from cgfac_optax._solvers._base import MatmulPrecision
 from cgfac_optax._transform import scale_by_cgfac
 
@@ -66,6 +73,8 @@ def cgfac(
   precision: MatmulPrecision | None = None,
   curvature_dtype: CurvatureDtype | None = None,
   cg_skip: CGSkip | None = None,
+  curvature_every: int | None = None,
+  weight_sharing: WeightSharing | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """CG-FAC: K-FAC natural-gradient steps, the damped Kronecker systems solved per layer.
 
@@ -151,6 +160,8 @@ def cgfac(
     curvature_batch_size=curvature_batch_size,
     curvature_decay=curvature_decay,
     refresh_every=refresh_every,
+    curvature_every=curvature_every,
+    weight_sharing=weight_sharing,
   )
   _check_step_options(learning_rate, momentum, nesterov, kl_clip)
   _options.check_solver(mode["solver"])

@@ -56,10 +56,14 @@ def times_pow2(x: jax.Array, exponent) -> jax.Array:
   return x * jnp.ldexp(one, e1) * jnp.ldexp(one, e2) * jnp.ldexp(one, e - e1 - e2)
 
 
-def unit_system(a: jax.Array, g: jax.Array, b: jax.Array, x0: jax.Array) -> UnitSystem:
-  """Checks a layer's inputs and scales its right-hand side by an exact power of two."""
+def unit_system(curvature_ok: jax.Array, b: jax.Array, x0: jax.Array) -> UnitSystem:
+  """Checks a layer's right-hand side and scales it by an exact power of two.
+
+  ``curvature_ok``: whether the layer's curvature (the stats read this step, its memory)
+  is finite; a layer whose curvature or right-hand side is not is skipped.
+  """
   top = jnp.max(jnp.abs(b), initial=0.0)  # NaN if b holds one
-  ok = jnp.isfinite(top) & all_finite(a, g)
+  ok = jnp.isfinite(top) & curvature_ok
   _, exponent = jnp.frexp(jnp.where(ok, top, 0))
   exponent = exponent.astype(jnp.int32)
   b_hat = jnp.where(ok, times_pow2(b, -exponent), 0)

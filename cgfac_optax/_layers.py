@@ -185,18 +185,26 @@ def covered(layers: list[Layer]) -> set[int]:
 # Curvature rows.
 
 
-def rows_used(inputs_shape: tuple[int, ...], curvature_batch_size: int | None) -> int:
-  """Rows the curvature uses: examples (after subsampling) times positions."""
+def rows_used(
+  inputs_shape: tuple[int, ...], curvature_batch_size: int | None, weight_sharing: str = "expand"
+) -> int:
+  """Rows the curvature uses: examples (after subsampling), times positions with ``"expand"``."""
   examples = inputs_shape[0]
   if curvature_batch_size is not None:
     examples = min(examples, curvature_batch_size)
-  return examples * math.prod(inputs_shape[1:-1])
+  positions = math.prod(inputs_shape[1:-1]) if weight_sharing == "expand" else 1
+  return examples * positions
 
 
-def shape(stats: DenseStats, has_bias: bool, curvature_batch_size: int | None) -> LayerShape:
+def shape(
+  stats: DenseStats,
+  has_bias: bool,
+  curvature_batch_size: int | None,
+  weight_sharing: str = "expand",
+) -> LayerShape:
   """The static shape of a layer's solve (shapes only: ``jax.ShapeDtypeStruct`` works)."""
   return LayerShape(
-    rows_used(stats.inputs.shape, curvature_batch_size),
+    rows_used(stats.inputs.shape, curvature_batch_size, weight_sharing),
     stats.inputs.shape[-1] + int(has_bias),
     stats.output_grads.shape[-1],
   )
@@ -227,13 +235,31 @@ class CurvatureRows(NamedTuple):
   scale_g: float
 
 
+def reduced(stats: DenseStats) -> DenseStats:
+  """K-FAC-reduce's rows: each example's inputs averaged, its output gradients summed, over
+  its positions (``(examples, d)`` each; unchanged without positions)."""
+  a, g = stats.inputs, stats.output_grads
+  axes = tuple(range(1, a.ndim - 1))
+  return DenseStats(jnp.mean(a, axis=axes), jnp.sum(g, axis=axes))
+
+
 def curvature_rows(
-  stats: DenseStats, has_bias: bool, curvature_batch_size: int | None, dtype
+  stats: DenseStats,
+  has_bias: bool,
+  curvature_batch_size: int | None,
+  dtype,
+  weight_sharing: str = "expand",
 ) -> CurvatureRows:
-  """The rows of the first ``curvature_batch_size`` examples, in ``dtype``."""
+  """The rows of the first ``curvature_batch_size`` examples, in ``dtype``.
+
+  With ``weight_sharing="reduce"`` each example is one row (:func:`reduced`), so ``A =
+  a^T a / examples`` and ``G = g^T g / examples`` of the reduced rows.
+  """
   a, g = stats.inputs, stats.output_grads
   if curvature_batch_size is not None:
     a, g = a[:curvature_batch_size], g[:curvature_batch_size]
+  if weight_sharing == "reduce":
+    a, g = reduced(DenseStats(a.astype(dtype), g.astype(dtype)))
   scale_a, scale_g = factor_scales(DenseStats(a, g))
   a = to_rows(a).astype(dtype)
   if has_bias:

@@ -54,15 +54,18 @@ class CurvatureOptions(NamedTuple):
   decay: Any  # curvature_decay: a float in [0, 1) or a traced array
   refresh_every: Any  # an int >= 1 or a traced array
   sketch_rank: int  # static: it sets the sketches' shapes
+  every: int = 1  # curvature_every, static: the stats are read on every this-many-th step
 
 
 BATCH_ONLY = CurvatureOptions(decay=0.0, refresh_every=1, sketch_rank=sketch.DEFAULT_RANK)
 
 
-def curvature_options(decay, refresh_every, sketch_rank: int | None) -> CurvatureOptions:
+def curvature_options(
+  decay, refresh_every, sketch_rank: int | None, every: int = 1
+) -> CurvatureOptions:
   """The options of :func:`cgfac_optax.scale_by_cgfac`; ``sketch_rank=None`` is the default rank."""
   rank = sketch.DEFAULT_RANK if sketch_rank is None else sketch_rank
-  return CurvatureOptions(decay, refresh_every, rank)
+  return CurvatureOptions(decay, refresh_every, rank, every)
 
 
 class LayerMemory(NamedTuple):
@@ -100,32 +103,6 @@ def refresh_due(count: jax.Array, refresh_every) -> jax.Array:
   return jnp.where(count < refresh_every, power_of_two, count % refresh_every == 0)
 
 
-def update(
-  memory: LayerMemory,
-  batch: Factors,
-  damping,
-  count: jax.Array,
-  *,
-  decay,
-  refresh_every,
-  refresh,
-) -> LayerMemory:
-  """Averages in the batch factors and refreshes the solver's data when due."""
-  f = average(memory.factors, batch, decay, count)
-  refreshed = memory.refreshed
-  if refresh is not None:
-    # A Python 1 needs no branch; an array (optax.inject_hyperparams) is decided at run time.
-    if isinstance(refresh_every, int) and refresh_every == 1:
-      refreshed = refresh(f, damping)
-    else:
-      refreshed = jax.lax.cond(
-        refresh_due(count, refresh_every),
-        lambda: refresh(f, damping),
-        lambda: memory.refreshed,
-      )
-  return LayerMemory(f, refreshed)
-
-
 # The three kinds of curvature a solver prepares from. Each takes the solver record, so that
 # what differs between solvers of one kind (the factor-based ones' refresh) is read from it.
 
@@ -135,8 +112,9 @@ class Kind(NamedTuple):
 
   init: Callable[..., Any]  # (solver, d_a, d_g, dtype, options) -> zero memory, or None
   batch: Callable[..., Any]  # (solver, rows, damping, options, arithmetic) -> curvature
-  step: Callable[..., tuple]  # (solver, memory, rows, damping, count, options, arithmetic)
-  #   -> (curvature, memory after this step)
+  average: Callable[..., Any]  # (memory, rows, updates, options, arithmetic) -> memory
+  refresh: Callable[..., Any]  # (solver, memory, damping) -> memory, its derived data redone
+  curvature: Callable[[Any], Any]  # memory -> what the solver's prepare takes
   widths: Callable[[Any], tuple[int, int]]  # memory -> (d_A, d_G) of the factors it averages
 
 
@@ -145,17 +123,15 @@ def _factors_batch(solver, rows, damping, options, arithmetic) -> FactorCurvatur
   return FactorCurvature(f, None if solver.refresh is None else solver.refresh(f, damping))
 
 
-def _factors_step(solver, memory, rows, damping, count, options, arithmetic):
-  new = update(
-    memory,
-    factors(rows, arithmetic),
-    damping,
-    count,
-    decay=options.decay,
-    refresh_every=options.refresh_every,
-    refresh=solver.refresh,
-  )
-  return FactorCurvature(*new), new
+def _factors_average(memory, rows, updates, options, arithmetic) -> LayerMemory:
+  new = average(memory.factors, factors(rows, arithmetic), options.decay, updates)
+  return memory._replace(factors=new)
+
+
+def _factors_refresh(solver, memory, damping) -> LayerMemory:
+  if solver.refresh is None:
+    return memory
+  return memory._replace(refreshed=solver.refresh(memory.factors, damping))
 
 
 def _sketch_batch(solver, rows, damping, options, arithmetic) -> sketch.SketchMemory:
@@ -163,32 +139,42 @@ def _sketch_batch(solver, rows, damping, options, arithmetic) -> sketch.SketchMe
   return sketch.update_memory(empty, rows, 0.0, arithmetic)
 
 
-def _sketch_step(solver, memory, rows, damping, count, options, arithmetic):
-  beta = decay_at(options.decay, count, memory.a.q.dtype)
-  new = sketch.update_memory(memory, rows, beta, arithmetic)
-  return new, new
+def _sketch_average(memory, rows, updates, options, arithmetic) -> sketch.SketchMemory:
+  beta = decay_at(options.decay, updates, memory.a.q.dtype)
+  return sketch.update_memory(memory, rows, beta, arithmetic)
 
 
 KINDS: dict[str, Kind] = {
   "rows": Kind(
     init=lambda solver, d_a, d_g, dtype, options: None,
     batch=lambda solver, rows, damping, options, arithmetic: rows,
-    step=lambda solver, memory, rows, *_: (rows, None),
+    average=None,
+    refresh=lambda solver, memory, damping: memory,
+    curvature=lambda memory: memory,
     widths=lambda memory: (0, 0),
   ),
   "factors": Kind(
     init=lambda solver, d_a, d_g, dtype, options: init_layer(d_a, d_g, dtype, solver.refresh),
     batch=_factors_batch,
-    step=_factors_step,
+    average=_factors_average,
+    refresh=_factors_refresh,
+    curvature=lambda memory: FactorCurvature(*memory),
     widths=lambda memory: (memory.factors.a.shape[0], memory.factors.g.shape[0]),
   ),
   "sketch": Kind(
     init=lambda solver, d_a, d_g, dtype, options: sketch.init(d_a, d_g, options.sketch_rank, dtype),
     batch=_sketch_batch,
-    step=_sketch_step,
+    average=_sketch_average,
+    refresh=lambda solver, memory, damping: memory,
+    curvature=lambda memory: memory,
     widths=lambda memory: (memory.a.q.shape[0], memory.g.q.shape[0]),
   ),
 }
+
+
+def refreshes(solver: Solver) -> bool:
+  """Whether ``solver`` keeps data derived from its memory that a refresh recomputes."""
+  return solver.refresh is not None
 
 
 def init(solver: Solver, d_a: int, d_g: int, dtype, options: CurvatureOptions) -> Any:
@@ -212,16 +198,16 @@ def batch_curvature(
   return KINDS[solver.curvature].batch(solver, rows, damping, options, arithmetic)
 
 
-def curvature(
-  solver: Solver,
-  rows: CurvatureRows,
-  memory,
-  damping,
-  count: jax.Array,
-  options: CurvatureOptions,
-  arithmetic: Arithmetic,
-) -> tuple[Any, Any]:
-  """What ``solver.prepare`` takes this step, and the layer's memory after it (or ``None``)."""
-  if memory is None:
-    return batch_curvature(solver, rows, damping, options, arithmetic), None
-  return KINDS[solver.curvature].step(solver, memory, rows, damping, count, options, arithmetic)
+def average_in(solver: Solver, memory, rows: CurvatureRows, updates, options, arithmetic):
+  """The layer's memory with one batch's rows averaged in (``updates``: those so far)."""
+  return KINDS[solver.curvature].average(memory, rows, updates, options, arithmetic)
+
+
+def refresh(solver: Solver, memory, damping):
+  """The layer's memory with what its solver derives from the factors recomputed."""
+  return KINDS[solver.curvature].refresh(solver, memory, damping)
+
+
+def prepared_from(solver: Solver, memory):
+  """What ``solver.prepare`` takes, from the layer's memory."""
+  return KINDS[solver.curvature].curvature(memory)

@@ -70,13 +70,17 @@ FIXED_RATE_DEFAULTS = {
   "curvature_decay": 0.0,
   "refresh_every": 1,
   "curvature_batch_size": None,
+  "curvature_every": 1,
+  "weight_sharing": "expand",
 }
 ADAPTIVE_DEFAULTS = {
   "damping": AdaptiveDamping(initial=1e-2, minimum=1e-5),
   "max_iters": 1,
   "curvature_decay": 0.95,
   "refresh_every": 20,
-  "curvature_batch_size": 512,
+  "curvature_batch_size": None,
+  "curvature_every": 10,
+  "weight_sharing": "reduce",
 }
 for _defaults in (FIXED_RATE_DEFAULTS, ADAPTIVE_DEFAULTS):
   _defaults["solver"] = default_solver(_defaults["curvature_decay"], _defaults["refresh_every"])
@@ -86,9 +90,11 @@ def resolve(learning_rate, **options) -> dict[str, Any]:
   """``options`` with each one left unset (``None``) replaced by the mode's default.
 
   Takes ``damping``, ``solver``, ``max_iters``, ``curvature_batch_size`` (unset:
-  ``"default"``), ``curvature_decay`` and ``refresh_every``; the mode is
+  ``"default"``), ``curvature_decay``, ``refresh_every``, ``curvature_every`` and
+  ``weight_sharing``; the mode is
   ``learning_rate is None`` (adaptive) or not (fixed rate). The solver's default
-  follows the curvature: :func:`default_solver`.
+  follows the curvature (:func:`default_solver`), and so does ``curvature_every``'s:
+  1 when no layer keeps memory.
   """
   defaults = ADAPTIVE_DEFAULTS if learning_rate is None else FIXED_RATE_DEFAULTS
   out = {k: defaults[k] if options.get(k) is None else options[k] for k in defaults}
@@ -103,4 +109,8 @@ def resolve(learning_rate, **options) -> dict[str, Any]:
   out["solver"] = (
     default_solver(out["curvature_decay"], out["refresh_every"]) if solver is None else solver
   )
+  if options.get("curvature_every") is None and batch_only(
+    out["curvature_decay"], out["refresh_every"]
+  ):
+    out["curvature_every"] = 1  # without memory, the stats are read on every step
   return out

@@ -30,6 +30,9 @@ PRECISIONS = (None, *get_args(MatmulPrecision))
 CurvatureDtype = Literal["bfloat16"]
 CURVATURE_DTYPES = (None, *get_args(CurvatureDtype))
 
+WeightSharing = Literal["reduce", "expand"]
+WEIGHT_SHARINGS = get_args(WeightSharing)
+
 CGSkip = Skip
 
 # A solver name (a key of SOLVERS), a rule that picks one per layer, or {layer path: either}.
@@ -189,6 +192,16 @@ def _check_step_control(damping, learning_rate, kl_clip, adaptive_step) -> None:
     )
 
 
+def _check_curvature_every(curvature_every, curvature_decay, refresh_every) -> None:
+  check_static_int("curvature_every", curvature_every, "decides which steps read the stats")
+  if curvature_every > 1 and batch_only(curvature_decay, refresh_every):
+    raise ValueError(
+      f"curvature_every={curvature_every} reads the stats on every {curvature_every}-th step "
+      "only, so the steps between need curvature memory: pass curvature_decay > 0 (or a "
+      "refresh_every > 1), or leave curvature_every at 1"
+    )
+
+
 def _check_choices(**options) -> None:
   """Options that take one of a few values."""
   allowed = {
@@ -197,6 +210,7 @@ def _check_choices(**options) -> None:
     "precision": PRECISIONS,
     "curvature_dtype": CURVATURE_DTYPES,
     "cg_skip": (None, *SKIPS),
+    "weight_sharing": WEIGHT_SHARINGS,
   }
   for name, value in options.items():
     if value not in allowed[name]:
@@ -224,6 +238,8 @@ def validate(
   precision,
   curvature_dtype,
   cg_skip,
+  curvature_every=1,
+  weight_sharing="expand",
 ) -> None:
   """Checks every option of :func:`scale_by_cgfac` that is a Python value."""
   if not callable(damping):
@@ -247,4 +263,6 @@ def validate(
     check_static_int("sketch_rank", sketch_rank, "sets the shapes of the sketches")
   if memory_limit is not None:
     check_static_int("memory_limit", memory_limit, "chooses the solvers when tracing")
+  _check_curvature_every(curvature_every, curvature_decay, refresh_every)
+  _check_choices(weight_sharing=weight_sharing)
   _check_choices(precision=precision, curvature_dtype=curvature_dtype, cg_skip=cg_skip)

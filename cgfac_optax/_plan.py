@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from cgfac_optax import _layers, _modes, _options
@@ -285,6 +286,7 @@ def plan(
   curvature_batch_size: int | None | str = "default",
   curvature_decay: float | None = None,
   refresh_every: int | None = None,
+  weight_sharing: str | None = None,
   memory_limit: int | None = None,
   fallback: str = "diagonal",
   cg_iters: int | None = None,
@@ -308,7 +310,7 @@ def plan(
     learning_rate: ``None`` for :func:`cgfac`'s adaptive mode, else its
       fixed-rate mode.
     solver, max_iters, curvature_batch_size, curvature_decay, refresh_every,
-      memory_limit, fallback: as :func:`cgfac` takes them.
+      weight_sharing, memory_limit, fallback: as :func:`cgfac` takes them.
     cg_iters: CG iterations assumed per step; default ``min(max_iters, 3)``,
       what the transformation assumes.
     data_shards: devices the batch is split over (data parallelism). The
@@ -347,6 +349,7 @@ def plan(
     curvature_batch_size=curvature_batch_size,
     curvature_decay=curvature_decay,
     refresh_every=refresh_every,
+    weight_sharing=weight_sharing,
   )
   _options.check_solver(mode["solver"])
   if memory_limit is not None:
@@ -360,10 +363,13 @@ def plan(
   if cg_iters is not None:
     choice = choice._replace(cg_iters=cg_iters)
   paths, leaves, _ = _layers.leaf_paths(params)
+  if callable(layer_stats):  # as the helpers give them: shapes only, nothing computed
+    layer_stats = jax.eval_shape(layer_stats)
   layers = _layers.match(paths, leaves, layer_stats)
   out = Plan(fallback=_fallback_params(paths, leaves, layers, fallback))
+  size, sharing = mode["curvature_batch_size"], mode["weight_sharing"]
   for layer in layers:
-    shape = _layers.shape(layer.stats, layer.bias is not None, mode["curvature_batch_size"])
+    shape = _layers.shape(layer.stats, layer.bias is not None, size, sharing)
     costs = dict(data_shards=data_shards, flops_per_byte=flops_per_byte)
     out[layer.path] = choose(choice, layer.path, shape, leaves[layer.kernel].dtype, **costs)
   return out

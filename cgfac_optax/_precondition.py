@@ -27,11 +27,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cgfac_optax import _fallback, _finite, _layers, _memory, _plan
+from cgfac_optax import _curvature, _fallback, _finite, _layers, _memory, _plan
 from cgfac_optax._cg import batched_cg
 from cgfac_optax._clipping import ScaledSum
 from cgfac_optax._layers import Layer, LayerShape
-from cgfac_optax._memory import CurvatureOptions
 from cgfac_optax._solvers import SOLVERS, Solver
 from cgfac_optax._solvers._base import Arithmetic, arithmetic_for
 
@@ -40,8 +39,7 @@ class StageOptions(NamedTuple):
   """The solver stage's options, fixed when the transformation is built."""
 
   choice: _plan.SolverChoice
-  curvature: CurvatureOptions
-  curvature_batch_size: int | None
+  reading: _curvature.Reading  # curvature_batch_size, weight_sharing, memory options
   max_iters: Any
   tol: Any
   warm_start: bool
@@ -115,44 +113,51 @@ def flatten(updates, state) -> Leaves:
 
 def solve(leaves: Leaves, layer_stats, memory, gamma, count, options: StageOptions) -> Solved:
   """Stages 1-3: match, build and solve every layer's system (module docstring)."""
-  layers = _layers.match(leaves.paths, leaves.grads, layer_stats)
+  layers = _layers.match(leaves.paths, leaves.grads, _curvature.stats_shapes(layer_stats))
   _check_solver_paths(options.choice.option, leaves.paths)
-  memory = memory or {}
   arithmetic = arithmetic_for(options.precision, options.curvature_dtype, jax.default_backend())
+  dtypes = [jnp.promote_types(leaves.grads[layer.kernel].dtype, jnp.float32) for layer in layers]
+  methods = [_layer_solver(layer, memory, dtype, options) for layer, dtype in zip(layers, dtypes)]
+  curvatures = _curvature.stage(
+    layers, methods, layer_stats, memory, gamma, count, dtypes, options.reading, arithmetic
+  )
   systems = [
-    _build_system(layer, leaves, gamma, memory.get(layer.path), count, options, arithmetic)
-    for layer in layers
+    _build_system(layer, method, curvature, leaves, gamma, options, arithmetic)
+    for layer, method, curvature in zip(layers, methods, curvatures)
   ]
-  solutions = _solve_systems(systems, options)
-  return Solved(layers, systems, [_check_memory(s, x) for s, x in zip(systems, solutions)])
+  return Solved(layers, systems, _solve_systems(systems, options))
 
 
-def _build_system(
-  layer, leaves: Leaves, gamma, memory, count, options: StageOptions, arithmetic: Arithmetic
-) -> System:
-  dtype = jnp.promote_types(leaves.grads[layer.kernel].dtype, jnp.float32)
+def _layer_solver(layer: Layer, memory, dtype, options: StageOptions) -> Solver:
+  """The layer's solver (refused if its memory does not fit), checked against its memory."""
+  reading = options.reading
   has_bias = layer.bias is not None
-  rows = _layers.curvature_rows(layer.stats, has_bias, options.curvature_batch_size, dtype)
-  shape = _layers.shape(layer.stats, has_bias, options.curvature_batch_size)
+  shape = _layers.shape(
+    layer.stats, has_bias, reading.curvature_batch_size, reading.weight_sharing
+  )
   plan = _plan.choose(options.choice, layer.path, shape, dtype)
   _plan.check_fits(plan)
   method = SOLVERS[plan.solver]
-  if memory is not None and _memory.widths(method, memory) != (shape.d_a, shape.d_g):
-    d_a, d_g = _memory.widths(method, memory)
+  kept = (memory or {}).get(layer.path)
+  if kept is not None and _memory.widths(method, kept) != (shape.d_a, shape.d_g):
+    d_a, d_g = _memory.widths(method, kept)
     raise ValueError(
       f"layer {layer.path!r}: curvature memory holds factors of widths {d_a} and {d_g} "
       "(from the kernel's shape at init, outputs on its last axis) but the stats give "
       f"{shape.d_a} and {shape.d_g}; use a batch-only solver for this layer"
     )
+  return method
+
+
+def _build_system(layer, method, curvature, leaves: Leaves, gamma, options, arithmetic) -> System:
+  dtype = jnp.promote_types(leaves.grads[layer.kernel].dtype, jnp.float32)
   gamma = jnp.asarray(gamma, dtype)
-  curvature, memory = _memory.curvature(
-    method, rows, memory, gamma, count, options.curvature, arithmetic
-  )
   start = _layers.as_matrix(leaves.warm, layer, dtype)
   b = _layers.as_matrix(leaves.grads, layer, dtype)
   x0 = start if options.warm_start else jnp.zeros_like(start)
-  unit = _finite.unit_system(rows.a, rows.g, b, x0)
-  return System(layer, method, method.prepare(curvature, gamma, arithmetic), unit, memory)
+  unit = _finite.unit_system(curvature.ok, b, x0)
+  data = method.prepare(curvature.prepared, gamma, arithmetic)
+  return System(layer, method, data, unit, curvature.memory)
 
 
 def _preconditioner(system: System, option):
@@ -192,18 +197,6 @@ def _solve_systems(systems: list[System], options: StageOptions) -> list[Solutio
     iterations, residual = jnp.asarray(iterations, jnp.int32), jnp.asarray(residual, jnp.float32)
     solutions.append(Solution(jnp.where(ok, x, 0), ok, iterations, residual))
   return solutions
-
-
-def _check_memory(system: System, solution: Solution) -> Solution:
-  """Skips a layer whose curvature memory would not be finite (stats whose factors overflow).
-
-  A solver solving from stale data (between refreshes) can return a finite answer for such
-  a layer; its memory must still not take the step's factors.
-  """
-  if system.memory is None:
-    return solution
-  ok = solution.ok & _finite.all_finite(*jax.tree.leaves(system.memory))
-  return solution._replace(x=jnp.where(ok, solution.x, 0), ok=ok)
 
 
 def _check_solver_paths(solver, paths: list[str]) -> None:
@@ -298,7 +291,7 @@ def _init_memory(params, options: StageOptions) -> dict[str, Any]:
     method = SOLVERS[plan.solver]
     if method.keeps_memory:
       _plan.check_fits(plan)
-      out[path] = _memory.init(method, d_a, d_g, dtype, options.curvature)
+      out[path] = _memory.init(method, d_a, d_g, dtype, options.reading.options)
   return out
 
 

@@ -27,6 +27,7 @@ import optax
 
 from cgfac_optax import (
   _control,
+  _curvature,
   _fixed_rate,
   _inputs,
   _layers,
@@ -39,7 +40,14 @@ from cgfac_optax import (
 from cgfac_optax._control import StepControlState
 from cgfac_optax._damping import AdaptiveDamping
 from cgfac_optax._mesh import auto_axes_on_explicit_mesh
-from cgfac_optax._options import CGSkip, CurvatureDtype, Fallback, Preconditioner, SolverOption
+from cgfac_optax._options import (
+  CGSkip,
+  CurvatureDtype,
+  Fallback,
+  Preconditioner,
+  SolverOption,
+  WeightSharing,
+)
 from cgfac_optax._policy import Step, StepInputs, StepPolicy
 from cgfac_optax._precondition import Leaves, Preconditioned, Solved, StageOptions
 from cgfac_optax._solvers._base import MatmulPrecision
@@ -88,10 +96,10 @@ def _stage_options(o: dict[str, Any]) -> StageOptions:
   """The solver stage's options, from :func:`scale_by_cgfac`'s arguments ``o``."""
   decay, refresh_every = o["curvature_decay"], o["refresh_every"]
   choice = _plan.solver_choice(o["solver"], o["max_iters"], o["memory_limit"], decay, refresh_every)
+  memory = _memory.curvature_options(decay, refresh_every, o["sketch_rank"], o["curvature_every"])
   return StageOptions(
     choice=choice,
-    curvature=_memory.curvature_options(decay, refresh_every, o["sketch_rank"]),
-    curvature_batch_size=o["curvature_batch_size"],
+    reading=_curvature.Reading(o["curvature_batch_size"], o["weight_sharing"], memory),
     max_iters=o["max_iters"],
     tol=o["tol"],
     warm_start=o["warm_start"],
@@ -188,6 +196,8 @@ def scale_by_cgfac(
   precision: MatmulPrecision | None = None,
   curvature_dtype: CurvatureDtype | None = None,
   cg_skip: CGSkip | None = None,
+  curvature_every: int = 1,
+  weight_sharing: WeightSharing = "expand",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients by the damped K-FAC Fisher, solved per layer.
 
@@ -380,8 +390,6 @@ def scale_by_cgfac(
     del extra_args
     given = dict(params=params, layer_stats=layer_stats, value=value, value_fn=value_fn)
     _inputs.check(needs, dict(given, curvature_model=curvature_model))
-    if callable(layer_stats):
-      layer_stats = layer_stats()
     leaves, count = _precondition.flatten(updates, state), state.count
     gamma = _control.damping_now(damping, state.control, count)
     solved = _precondition.solve(leaves, layer_stats, state.curvature, gamma, count, stage)

@@ -220,8 +220,9 @@ def test_plan_follows_each_mode_of_cgfac():
   }
   adaptive = cgfac.plan(params, stats)
   assert adaptive.solvers() == {"Conv_0": "pcg", "Dense_0": "pcg"}
-  assert adaptive["Conv_0"].rows == 128 * 64  # cgfac()'s curvature_batch_size, 512, keeps all
+  assert adaptive["Conv_0"].rows == 128  # cgfac() reduces a layer's positions to one row
   fixed = cgfac.plan(params, stats, learning_rate=0.1)
+  assert fixed["Conv_0"].rows == 128 * 64  # cgfac(0.1) expands them, a row each
   assert set(fixed.solvers().values()) <= {k for k, s in SOLVERS.items() if s.exact}
   assert fixed["Conv_0"].option == "auto" and adaptive["Conv_0"].option == "auto_memory"
   # Options as cgfac takes them, with the same effect.

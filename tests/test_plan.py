@@ -170,7 +170,9 @@ def test_memory_limit_decides_between_fitting_solvers():
 def test_curvature_batch_size_and_dtype_enter_the_plan():
   params, stats = dense(256, (4,), 100, 50, bias=False)
   lp = cgfac.plan({"l": params}, {"l": stats}, curvature_batch_size=32)["l"]
-  assert (lp.rows, lp.d_a, lp.d_g) == (128, 100, 50)
+  assert (lp.rows, lp.d_a, lp.d_g) == (32, 100, 50)  # cgfac(): a row per example (reduce)
+  expand = {"curvature_batch_size": 32, "weight_sharing": "expand"}
+  assert cgfac.plan({"l": params}, {"l": stats}, **expand)["l"].rows == 32 * 4
   params64 = {"kernel": shape(100, 50, dtype=jnp.float64)}
   lp64 = cgfac.plan({"l": params64}, {"l": stats}, curvature_batch_size=32)["l"]
   assert lp64.memory_bytes["cg"] == 2 * lp.memory_bytes["cg"]
