@@ -234,8 +234,13 @@ def test_rng_streams_and_state_written_back_like_nnx_value_and_grad(x64):
     loss, grads, extra = cflax.nnx_value_grad_and_extra(
       ours, x, t, jax.random.key(1), rngs=our_rngs
     )
+    # The extra passes, run after the write-back, see the state the loss pass saw: the same
+    # dropout masks, so the loss again at the same params.
+    params = nnx.state(ours, nnx.Param)
+    np.testing.assert_allclose(extra["value_fn"](params), loss, rtol=1e-12)
+    outputs = extra["curvature_model"].outputs_fn(params)
+    np.testing.assert_allclose(ce(outputs, t).mean(), loss, rtol=1e-12)
     extra["layer_stats"]()
-    extra["value_fn"](nnx.state(ours, nnx.Param))
     ref_loss, ref_grads = nnx.value_and_grad(lambda m, r: ce(m(x, rngs=r), t).mean())(ref, ref_rngs)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-12), grads, ref_grads)
