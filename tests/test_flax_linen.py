@@ -2,6 +2,7 @@
 (BatchNorm), ``TrainState``, errors (training on digits: ``tests/test_train_digits.py``; real
 models: ``tests/test_real_models.py``)."""
 
+import functools
 import pathlib
 import sys
 
@@ -290,15 +291,14 @@ def test_train_state_apply_gradients_passes_extra_to_update():
     _, grads, extra = fn(state.params, x, t, key)
     assert "collections" not in extra  # none given, none returned
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
-    return state.apply_gradients(grads=grads, **extra), (updates, opt_state)
+    return state.apply_gradients(grads=grads, **extra), (updates, opt_state), grads
 
-  new, (updates, opt_state) = both(state, jax.random.key(2))
+  new, (updates, opt_state), grads = both(state, jax.random.key(2))
   assert int(new.step) == 1
   close = lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
   jax.tree.map(close, new.params, optax.apply_updates(params, updates))
   jax.tree.map(close, new.opt_state, opt_state)
   assert float(new.opt_state[0].coefficients[0]) != 0.0  # the quadratic model's step size
-  _, grads, _ = fn(params, x, t, jax.random.key(2))
   with pytest.raises(ValueError, match="layer_stats"):
     train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx).apply_gradients(
       grads=grads
@@ -322,30 +322,35 @@ def test_collections_are_updated_as_a_mutable_apply_updates_them(x64):
   x = jax.random.normal(jax.random.key(0), (b, 4), F64)
   t = jnp.arange(b) % 3
   variables = jax.jit(model.init, static_argnames="train")(jax.random.key(1), x, train=False)
-  state = cflax.TrainState.create(apply_fn=model.apply, variables=variables, tx=cgfac.cgfac())
+  tx = cgfac.cgfac(learning_rate=0.1)
+  state = cflax.TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
   assert set(state.collections) == {"batch_stats"} and "batch_stats" not in state.params
   fn = cflax.value_grad_and_extra(model, fisher="empirical")
 
-  def reference(params, train):
-    def loss(p):
+  @functools.partial(jax.jit, static_argnames="train")
+  def step(state, train):
+    """The helper and TrainState; and the reference: a value_and_grad of a mutable apply."""
+    loss, grads, extra = fn(state.params, x, t, collections=state.collections, train=train)
+    new = state.apply_gradients(grads=grads, **extra)
+
+    def reference(p):
       out, changed = model.apply(
         {"params": p, **state.collections}, x, train=train, mutable=["batch_stats"]
       )
       return per_example_loss("softmax_cross_entropy", out, t).mean(), changed
 
-    return jax.value_and_grad(loss, has_aux=True)(params)
+    (ref_loss, changed), ref_grads = jax.value_and_grad(reference, has_aux=True)(state.params)
+    return (loss, grads, extra["collections"], new.collections), (ref_loss, ref_grads, changed)
 
   for train in (True, False):
-    loss, grads, extra = fn(state.params, x, t, collections=state.collections, train=train)
-    (ref_loss, changed), ref_grads = reference(state.params, train)
+    (loss, grads, collections, stored), (ref_loss, ref_grads, changed) = step(state, train)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-12), grads, ref_grads)
     assert set(changed) == {"batch_stats"}
-    jax.tree.map(np.testing.assert_array_equal, extra["collections"], changed)
+    jax.tree.map(np.testing.assert_array_equal, collections, changed)
     moved = jax.tree.map(lambda u, v: bool(jnp.any(u != v)), changed, state.collections)
     assert any(jax.tree.leaves(moved)) == train  # running averages move in training mode only
-    new = state.apply_gradients(grads=grads, **extra)
-    jax.tree.map(np.testing.assert_array_equal, new.collections, changed)
+    jax.tree.map(np.testing.assert_array_equal, stored, changed)
   # mutable=False: nothing may change (evaluation mode), and nothing does.
   _, _, extra = fn(state.params, x, t, collections=state.collections, mutable=False, train=False)
   jax.tree.map(np.testing.assert_array_equal, extra["collections"], state.collections)
