@@ -49,24 +49,14 @@ def batches():
 
 
 def make_step(model, tx):
-  vgs = cflax.value_grad_and_stats(model, loss=LOSS)
-
-  def mean_loss(params, x, y):
-    logits = model.apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  # The curvature (stats and quadratic model) of the first 32 examples, as the optimizer's
+  # curvature_batch_size says.
+  fn = cflax.value_grad_and_extra(model, loss=LOSS, curvature_batch_size=32)
 
   @jax.jit
   def step(params, opt_state, x, y, i):
-    loss, grads, stats = vgs(params, x, y, jax.random.fold_in(jax.random.key(1), i))
-    updates, opt_state = tx.update(
-      grads,
-      opt_state,
-      params,
-      layer_stats=stats,
-      curvature_model=cflax.curvature_model(model, x, loss=LOSS, rows=32),
-      value=loss,
-      value_fn=lambda p: mean_loss(p, x, y),
-    )
+    _, grads, extra = fn(params, x, y, jax.random.fold_in(jax.random.key(1), i))
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state
 
   return step

@@ -154,3 +154,20 @@ def apply_inverse(solver, data, v, *, max_iters=500, tol=1e-14):
     preconditioners=[precondition],
   )
   return result.x[0], result
+
+
+# The Flax helpers as the tests call them (library code, not a reference).
+
+
+def with_stats(helper):
+  """A helper returning ``(loss, grads, extra)`` as one returning ``(loss, grads, stats)``.
+
+  The stats function of ``extra`` is called within the helper's call, so the result can be
+  jitted (``extra`` itself holds functions, which a jitted function cannot return).
+  """
+
+  def call(*args, **kwargs):
+    loss, grads, extra = helper(*args, **kwargs)
+    return loss, grads, extra["layer_stats"]()
+
+  return call

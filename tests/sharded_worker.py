@@ -6,6 +6,11 @@ Started by the tests in a fresh process with ``XLA_FLAGS=--xla_force_host_platfo
   python tests/sharded_worker.py updates cg linen_mlp,linen_cnn  # sharded vs 1-device steps
   python tests/sharded_worker.py updates eigh linen_mlp fsdp,dp_explicit  # those layouts only
   python tests/sharded_worker.py collectives  # collectives in the compiled demo-sized step
+  python tests/sharded_worker.py adaptive  # adaptive damping on an Explicit mesh vs 1 device
+  python tests/sharded_worker.py recipe  # the README's cgfac() Linen recipe, same comparison
+
+Every model is a Flax Linen model whose loss, gradients and ``extra`` come from
+``cgfac_optax.flax.value_grad_and_extra``, passed whole to ``tx.update``.
 """
 
 from __future__ import annotations
@@ -41,18 +46,54 @@ class _CountCompiles(logging.Handler):
       self.count += 1
 
 
-def _test_problem(model: str = "mlp"):
-  """Params, ``value_grad_and_stats(params, x, y)`` and two batches of 16, as host arrays.
+def _mlp(widths):
+  """A Linen MLP with ``tanh`` between its ``Dense_i`` layers of the given output widths."""
+  import flax.linen as nn
+  import jax.numpy as jnp
 
-  ``"mlp"``: an MLP 64-64-48-32 with hand-captured stats (empirical Fisher, softmax
-  cross-entropy). 16 rows, at most half of every layer's width, keep every solver in its
-  float32-accurate regime: ``"lowrank"`` loses digits (about ``1e-5`` against float64, on one
-  device as on 8) when the rows approach the widths. ``"linen_mlp"`` (the same widths) and
-  ``"linen_cnn"`` (conv 3x3, average pool, conv 3x3, dense on 8x8x1 images): Flax Linen models
-  with stats from ``cgfac_optax.flax.value_grad_and_stats``, squared error against 32 targets
-  with the sampled Fisher (the same key on every device count). Squared error rather than
-  softmax cross-entropy: with sampled softmax output gradients the float32 ``"lowrank"`` solve
-  is itself good to only about ``1e-4``, so two runs differ by that much.
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i, width in enumerate(widths):
+        x = nn.Dense(width)(x)
+        x = jnp.tanh(x) if i < len(widths) - 1 else x
+      return x
+
+  return MLP()
+
+
+def _mlp_extra(widths):
+  """``fn(params, x, y) -> (loss, grads, extra)`` of :func:`_mlp` (softmax cross-entropy,
+  empirical Fisher: deterministic stats, the per-example gradients of the batch's labels)."""
+  from cgfac_optax import flax as cflax
+
+  fn = cflax.value_grad_and_extra(_mlp(widths), loss="softmax_cross_entropy", fisher="empirical")
+  return lambda p, x, y: fn(p, x, y)
+
+
+def _step_fn(tx, value_grad_and_extra):
+  """``step(params, opt_state, x, y) -> (params, opt_state, loss)``, ``extra`` passed whole."""
+  import optax
+
+  def step(params, opt_state, x, y):
+    loss, grads, extra = value_grad_and_extra(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def _test_problem(model: str = "mlp"):
+  """Params, ``value_grad_and_extra(params, x, y)`` and two batches of 16, as host arrays.
+
+  ``"mlp"``: an MLP 64-64-48-32 (empirical Fisher, softmax cross-entropy, params drawn here).
+  16 rows, at most half of every layer's width, keep every solver in its float32-accurate
+  regime: ``"lowrank"`` loses digits (about ``1e-5`` against float64, on one device as on 8)
+  when the rows approach the widths. ``"linen_mlp"`` (the same widths, Flax's initialization)
+  and ``"linen_cnn"`` (conv 3x3, average pool, conv 3x3, dense on 8x8x1 images): squared error
+  against 32 targets with the sampled Fisher (the same key on every device count). Squared error
+  rather than softmax cross-entropy: with sampled softmax output gradients the float32
+  ``"lowrank"`` solve is itself good to only about ``1e-4``, so two runs differ by that much.
   """
   import jax
   import numpy as np
@@ -66,8 +107,6 @@ def _test_problem(model: str = "mlp"):
     targets = [rng.normal(size=(16, 32)).astype(np.float32) for _ in range(2)]
   batches = list(zip(inputs, targets))
   if model == "mlp":
-    from data_parallel import mlp_value_grad_and_stats
-
     widths = (64, 64, 48, 32)
     params = {
       f"Dense_{i}": {
@@ -76,7 +115,7 @@ def _test_problem(model: str = "mlp"):
       }
       for i, (m, n) in enumerate(zip(widths[:-1], widths[1:]))
     }
-    return params, mlp_value_grad_and_stats, batches
+    return params, _mlp_extra(widths[1:]), batches
 
   import flax.linen as nn
 
@@ -97,9 +136,9 @@ def _test_problem(model: str = "mlp"):
   else:
     raise ValueError(f"unknown model {model!r}")
   params = jax.jit(net.init)(jax.random.key(0), batches[0][0])["params"]
-  vgs = cflax.value_grad_and_stats(net, loss="squared_error", fisher="sampled")
+  fn = cflax.value_grad_and_extra(net, loss="squared_error", fisher="sampled")
   key = jax.random.key(1)
-  return jax.tree.map(np.asarray, params), lambda p, x, y: vgs(p, x, y, key), batches
+  return jax.tree.map(np.asarray, params), lambda p, x, y: fn(p, x, y, key), batches
 
 
 def _sharded_run(jitted, layout_shardings, params0, state0, batches, ref, handler) -> dict:
@@ -152,7 +191,7 @@ def check_updates(solvers, models, layouts=LAYOUTS) -> dict:
   """
   import jax
   import numpy as np
-  from data_parallel import sharded_step, train_step_fn
+  from data_parallel import sharded_step
 
   import cgfac_optax as cgfac
 
@@ -166,12 +205,12 @@ def check_updates(solvers, models, layouts=LAYOUTS) -> dict:
   explicit = jax.sharding.Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   out = {}
   for model, solver in [(m, s) for m in models for s in solvers]:
-    params0, value_grad_and_stats, batches = _test_problem(model)
+    params0, value_grad_and_extra, batches = _test_problem(model)
     # The CNN's conv layers have many rows and few columns: a larger damping keeps its
     # unconverged float32 CG well enough conditioned for 1e-5 (see _test_problem).
     damping = 3.0 if model == "linen_cnn" else 1.0
     tx = cgfac.cgfac(learning_rate=0.1, damping=damping, max_iters=10, tol=1e-2, solver=solver)
-    step = train_step_fn(tx, value_grad_and_stats)
+    step = _step_fn(tx, value_grad_and_extra)
 
     state0 = jax.tree.map(np.asarray, jax.jit(tx.init)(params0))
     ref, params, state = [], params0, state0
@@ -201,12 +240,17 @@ def check_collectives(solvers) -> dict:
   import hlo_collectives
   import jax
   import numpy as np
-  from data_parallel import mlp_init, mlp_value_grad_and_stats, sharded_step, train_step_fn
+  from data_parallel import sharded_step
 
   import cgfac_optax as cgfac
 
+  def shapes(widths):
+    model = _mlp(widths[1:])
+    x = jax.ShapeDtypeStruct((256, widths[0]), np.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), x)["params"], _mlp_extra(widths[1:])
+
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  params = jax.eval_shape(mlp_init, jax.random.key(0))
+  params, value_grad_and_extra = shapes((784, 256, 128, 10))  # the demo MLP
   x = jax.ShapeDtypeStruct((256, 784), np.float32)
   y = jax.ShapeDtypeStruct((256,), np.int32)
   out = {}
@@ -216,17 +260,17 @@ def check_collectives(solvers) -> dict:
   for solver, layout, skip in cases:
     tx = cgfac.cgfac(learning_rate=0.1, damping=1e-2, max_iters=10, solver=solver, cg_skip=skip)
     state = jax.eval_shape(tx.init, params)
-    step = train_step_fn(tx, mlp_value_grad_and_stats)
+    step = _step_fn(tx, value_grad_and_extra)
     jitted, _ = sharded_step(step, mesh, layout, params, state)
     text = jitted.lower(params, state, x, y).compile().as_text()
     name = f"{solver}/{layout}" + (f"/{skip}" if skip else "")
     out[name] = [c._asdict() for c in hlo_collectives.collectives(text)]
     out[f"{name}/conditionals"] = hlo_collectives.count_instructions(text, "conditional")
   # A layer narrower on its input side (d_A = 65 <= d_G = 512) takes the product's other side.
-  narrow = jax.eval_shape(lambda k: mlp_init(k, (64, 512, 10)), jax.random.key(0))
+  narrow, value_grad_and_extra = shapes((64, 512, 10))
   tx = cgfac.cgfac(learning_rate=0.1, damping=1e-2, max_iters=10, solver="cg")
   state = jax.eval_shape(tx.init, narrow)
-  jitted, _ = sharded_step(train_step_fn(tx, mlp_value_grad_and_stats), mesh, "dp", narrow, state)
+  jitted, _ = sharded_step(_step_fn(tx, value_grad_and_extra), mesh, "dp", narrow, state)
   x = jax.ShapeDtypeStruct((256, 64), np.float32)
   text = jitted.lower(narrow, state, x, y).compile().as_text()
   out["cg/dp/narrow"] = [c._asdict() for c in hlo_collectives.collectives(text)]
@@ -237,22 +281,14 @@ def check_adaptive() -> dict:
   """Adaptive damping (``value_fn`` closes over the batch) on an Explicit mesh vs one device."""
   import jax
   import numpy as np
-  import optax
   from data_parallel import sharded_step
 
   import cgfac_optax as cgfac
 
-  params0, value_grad_and_stats, batches = _test_problem("mlp")
+  params0, value_grad_and_extra, batches = _test_problem("mlp")
   damping = cgfac.AdaptiveDamping(initial=0.1)
   tx = cgfac.cgfac(learning_rate=0.1, damping=damping, max_iters=5)
-
-  def step(params, opt_state, x, y):
-    loss, grads, stats = value_grad_and_stats(params, x, y)
-    value_fn = lambda p: value_grad_and_stats(p, x, y)[0]
-    updates, opt_state = tx.update(
-      grads, opt_state, params, layer_stats=stats, value=loss, value_fn=value_fn
-    )
-    return optax.apply_updates(params, updates), opt_state, loss
+  step = _step_fn(tx, value_grad_and_extra)
 
   state0 = jax.tree.map(np.asarray, jax.jit(tx.init)(params0))
   single, params, state = jax.jit(step), params0, state0
@@ -272,6 +308,58 @@ def check_adaptive() -> dict:
   }
 
 
+def check_recipe(steps: int = 5) -> dict:
+  """The README's ``cgfac()`` Linen recipe (step sizes from the quadratic model, so every function
+  of ``extra`` runs inside the update) on ``jax.make_mesh``'s mesh, whose axes are Explicit, with
+  the batch split over its 8 devices, against the same steps on one device."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from jax.sharding import PartitionSpec as P
+
+  import cgfac_optax as cgfac
+  from cgfac_optax import flax as cflax
+
+  kx, kw, kinit = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (256, 8))
+  y = jnp.argmax(x @ jax.random.normal(kw, (8, 4)), axis=-1)
+  model = nn.Sequential([nn.Dense(32), nn.tanh, nn.Dense(4)])
+  params0 = model.init(kinit, x)["params"]
+  tx = cgfac.cgfac()
+  fn = cflax.value_grad_and_extra(model, loss="softmax_cross_entropy")
+
+  def train(x, y, params, opt_state):
+    @jax.jit
+    def train_step(params, opt_state, x, y, key):
+      loss, grads, extra = fn(params, x, y, key)
+      updates, opt_state = tx.update(grads, opt_state, params, **extra)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for i in range(steps):
+      key = jax.random.fold_in(jax.random.key(1), i)
+      params, opt_state, loss = train_step(params, opt_state, x, y, key)
+      losses.append(float(loss))
+    return jax.tree.map(np.asarray, params), losses
+
+  one, one_losses = train(x, y, params0, tx.init(params0))
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  with jax.set_mesh(mesh):
+    x8, y8 = jax.device_put((x, y), P("data"))
+    params8 = jax.device_put(params0, P())
+    many, many_losses = train(x8, y8, params8, tx.init(params8))
+    batch_spec = str(jax.typeof(x8).sharding.spec)
+  return {
+    "axis_types": [str(t) for t in mesh.axis_types],
+    "batch_spec": batch_spec,
+    "losses": one_losses,
+    "loss_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(many_losses, one_losses)),
+    "params_rel_diff": _max_rel_diff(many, one),
+  }
+
+
 def main(argv) -> None:
   sys.path.insert(0, str(ROOT / "benchmarks"))
   from cgfac_optax._solvers import SOLVERS
@@ -284,6 +372,8 @@ def main(argv) -> None:
     result = check_updates(solvers, models, layouts)
   elif what == "adaptive":
     result = check_adaptive()
+  elif what == "recipe":
+    result = check_recipe()
   elif what == "collectives":
     result = check_collectives(solvers)
   else:

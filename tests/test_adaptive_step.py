@@ -313,23 +313,16 @@ def test_linen_training_with_curvature_model():
   params = model.init(jax.random.key(0), x)["params"]
   tx = _adaptive_tx()
   state = tx.init(params)
-  vgs = cflax.value_grad_and_stats(model, loss="softmax_cross_entropy")
+  # The curvature (stats and quadratic model) of half of each batch of 128.
+  fn = cflax.value_grad_and_extra(model, loss="softmax_cross_entropy", curvature_batch_size=64)
   mean_loss = lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(
     model.apply({"params": p}, xb), yb
   ).mean()
 
   @jax.jit
   def step(params, state, xb, yb, key):
-    loss, grads, stats = vgs(params, xb, yb, key)
-    updates, state = tx.update(
-      grads,
-      state,
-      params,
-      layer_stats=stats,
-      curvature_model=cflax.curvature_model(model, xb, loss="softmax_cross_entropy", rows=64),
-      value=loss,
-      value_fn=lambda p: mean_loss(p, xb, yb),
-    )
+    _, grads, extra = fn(params, xb, yb, key)
+    updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
   before = mean_loss(params, x, y)
@@ -363,16 +356,8 @@ def test_nnx_optimizer_training_with_curvature_model():
 
   @nnx.jit
   def step(model, optimizer, xb, yb, key):
-    loss, grads, stats = cflax.nnx_value_grad_and_stats(model, xb, yb, key)
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    optimizer.update(
-      model,
-      grads,
-      layer_stats=stats,
-      curvature_model=cflax.nnx_curvature_model(model, xb, loss="softmax_cross_entropy"),
-      value=loss,
-      value_fn=lambda p: ce(nnx.merge(graphdef, p, rest), xb, yb),
-    )
+    loss, grads, extra = cflax.nnx_value_grad_and_extra(model, xb, yb, key)
+    optimizer.update(model, grads, **extra)
     return loss
 
   before = ce(model, x, y)

@@ -10,6 +10,9 @@ same samples); the test also checks that this tolerance is under 10% of the diag
 wrong scale cannot pass.
 """
 
+import pathlib
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,9 @@ import pytest
 from flax import nnx
 
 from cgfac_optax import flax as cflax
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import oracles  # noqa: E402
 
 F64 = jnp.float64
 SAMPLES = 4000
@@ -55,7 +61,7 @@ def monte_carlo_g(model, params, x, kind):
   """Samples of ``G = g^T g / B`` for each layer, one per PRNG key."""
   out = model.apply({"params": params}, x)
   t = dummy_targets(kind, out.shape)
-  vgs = cflax.value_grad_and_stats(model, loss=kind, fisher="sampled")
+  vgs = oracles.with_stats(cflax.value_grad_and_extra(model, loss=kind, fisher="sampled"))
 
   def one(key):
     _, _, stats = vgs(params, x, t, key)
@@ -108,19 +114,23 @@ def test_sampled_fisher_over_positions(x64):
   assert_matches(samples["head"], analytic)
 
 
-def test_sampled_adds_a_backward_pass_not_a_forward_pass(x64):
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_each_pass_runs_the_model_forward_once(x64, fisher):
+  """The loss pass and the stats pass each run the model forward once (one tanh each), the stats
+  pass on the first ``curvature_batch_size`` examples; the stats are computed only when
+  ``layer_stats`` is called."""
   model = MLP(out=3)
-  x = jnp.ones((4, 3), F64)
+  x = jnp.ones((6, 3), F64)
   params = model.init(jax.random.key(1), x)["params"]
-  t = jnp.zeros((4,), jnp.int32)
+  t = jnp.zeros((6,), jnp.int32)
+  fn = cflax.value_grad_and_extra(model, fisher=fisher, curvature_batch_size=4)
 
-  def count(fisher, primitive):
-    vgs = cflax.value_grad_and_stats(model, fisher=fisher)
-    jaxpr = jax.make_jaxpr(vgs)(params, x, t, jax.random.key(0))
-    return sum(eqn.primitive.name == primitive for eqn in jaxpr.eqns)
+  def tanh_shapes(f):
+    jaxpr = jax.make_jaxpr(f)(params, x, t, jax.random.key(0))
+    return [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "tanh"]
 
-  assert count("empirical", "tanh") == count("sampled", "tanh") == 1  # one forward pass
-  assert count("sampled", "dot_general") > count("empirical", "dot_general")
+  assert tanh_shapes(lambda *a: fn(*a)[:2]) == [(6, 4)]  # loss and grads: the whole batch
+  assert tanh_shapes(lambda *a: fn(*a)[2]["layer_stats"]()) == [(6, 4), (4, 4)]
 
 
 def test_nnx_and_linen_give_the_same_sampled_stats(x64):
@@ -143,20 +153,24 @@ def test_nnx_and_linen_give_the_same_sampled_stats(x64):
     getattr(net, name).bias[...] = params[name]["bias"]
   t = jnp.array([0, 1, 2, 0, 1])
   key = jax.random.key(3)
-  loss_l, _, stats_l = cflax.value_grad_and_stats(linen)(params, x, t, key)
-  loss_n, _, stats_n = cflax.nnx_value_grad_and_stats(net, x, t, key)
+  loss_l, _, stats_l = oracles.with_stats(cflax.value_grad_and_extra(linen))(params, x, t, key)
+  loss_n, _, stats_n = oracles.with_stats(cflax.nnx_value_grad_and_extra)(net, x, t, key)
   np.testing.assert_allclose(loss_l, loss_n, rtol=1e-12)
   for name in ("hidden", "head"):
     np.testing.assert_allclose(stats_l[name].inputs, stats_n[name].inputs, atol=1e-12)
     np.testing.assert_allclose(stats_l[name].output_grads, stats_n[name].output_grads, atol=1e-12)
 
 
-def test_compiled_cost_is_one_forward_and_one_or_two_backward_passes():
-  """Empirical: the FLOPs of ``jax.value_and_grad``; sampled: plus a backward pass through the
-  activations only (its parameter gradients are unused, so XLA drops them)."""
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_compiled_cost_of_the_loss_pass_and_the_stats_pass(fisher):
+  """The loss pass costs the FLOPs of ``jax.value_and_grad``; the stats pass, one forward pass of
+  the first ``curvature_batch_size`` examples and a backward pass through the activations only
+  (no parameter gradients), for either Fisher."""
   model = nn.Sequential([nn.Dense(256), nn.tanh, nn.Dense(256), nn.tanh, nn.Dense(10)])
-  x, y = jnp.ones((128, 256)), jnp.zeros(128, jnp.int32)
+  b, k = 128, 32
+  x, y = jnp.ones((b, 256)), jnp.zeros(b, jnp.int32)
   params = model.init(jax.random.key(0), x)["params"]
+  fn = cflax.value_grad_and_extra(model, fisher=fisher, curvature_batch_size=k)
 
   def flops(f, *args):
     cost = jax.jit(f).lower(*args).compile().cost_analysis()
@@ -168,9 +182,17 @@ def test_compiled_cost_is_one_forward_and_one_or_two_backward_passes():
 
   reference = flops(jax.value_and_grad(mean_loss), params)
   key = jax.random.key(1)
-  empirical = flops(cflax.value_grad_and_stats(model, fisher="empirical"), params, x, y, key)
-  sampled = flops(cflax.value_grad_and_stats(model, fisher="sampled"), params, x, y, key)
-  # One backward pass through the activations of the two upper layers: 2 * B * 256 * (256 + 10).
-  activations_backward = 2 * 128 * 256 * (256 + 10)
-  assert abs(empirical - reference) < 0.01 * reference
-  assert abs(sampled - empirical - activations_backward) < 0.1 * activations_backward
+  loss_pass = flops(lambda *a: fn(*a)[:2], params, x, y, key)
+  both = flops(oracles.with_stats(fn), params, x, y, key)
+  # The matrix products: forward 2 k d_in d_out per layer; backward through the activations of
+  # the two upper layers (their inputs' gradients), 2 k 256 (256 + 10).
+  forward = 2 * k * 256 * (256 + 256 + 10)
+  activations_backward = 2 * k * 256 * (256 + 10)
+  assert abs(loss_pass - reference) < 0.01 * reference
+  # A parameter gradient would add 2 k 256 (256 + 256 + 10) more: the tolerance excludes it.
+  stats_pass = both - loss_pass
+  assert abs(stats_pass - forward - activations_backward) < 0.1 * activations_backward, (
+    stats_pass,
+    forward,
+    activations_backward,
+  )

@@ -1,5 +1,10 @@
-"""Linen capture: per-example oracle, sequences, shared and lifted layers, errors (training on
-digits through ``cflax.apply_gradients``: ``tests/test_train_digits.py``)."""
+"""Linen capture: per-example oracle, sequences, shared and lifted layers, collections
+(BatchNorm), ``TrainState``, errors (training on digits: ``tests/test_train_digits.py``; real
+models: ``tests/test_real_models.py``)."""
+
+import functools
+import pathlib
+import sys
 
 import flax.linen as nn
 import jax
@@ -12,7 +17,15 @@ from flax.training import train_state
 import cgfac_optax as cgfac
 from cgfac_optax import flax as cflax
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import oracles  # noqa: E402
+
 F64 = jnp.float64
+
+
+def stats_helper(model, **kwargs):
+  """``fn(params, inputs, targets, ...) -> (loss, grads, stats)`` of the Linen helper."""
+  return oracles.with_stats(cflax.value_grad_and_extra(model, **kwargs))
 
 
 # Independent per-example losses (the documented definitions), written with optax.
@@ -75,7 +88,7 @@ def test_per_example_oracle(x64, kind):
   x = jax.random.normal(jax.random.key(0), (b, 3), F64)
   params = jax.jit(model.init)(jax.random.key(1), x)["params"]
   t = make_targets(kind, jax.random.key(2), (b, 4))
-  vgs = cflax.value_grad_and_stats(model, loss=kind, fisher="empirical")
+  vgs = stats_helper(model, loss=kind, fisher="empirical")
   loss, grads, stats = jax.jit(vgs)(params, x, t)
 
   mean_loss = lambda p: per_example_loss(kind, model.apply({"params": p}, x), t).mean()
@@ -107,7 +120,7 @@ def test_sequence_and_dense_general(x64):
   x = jax.random.normal(jax.random.key(0), (b, t_len, 3), F64)
   params = jax.jit(model.init)(jax.random.key(1), x)["params"]
   t = make_targets("softmax_cross_entropy", jax.random.key(2), (b, t_len, 5))
-  vgs = cflax.value_grad_and_stats(model, fisher="empirical")
+  vgs = stats_helper(model, fisher="empirical")
   _, grads, stats = jax.jit(vgs)(params, x, t)
   assert stats["Dense_0"].inputs.shape == (b, t_len, 3)
   assert stats["DenseGeneral_0"].inputs.shape == (b, t_len, 4)
@@ -132,7 +145,7 @@ def test_layer_used_twice_contributes_both_calls(x64):
   x = jax.random.normal(jax.random.key(0), (b, 3), F64)
   params = jax.jit(model.init)(jax.random.key(1), x)["params"]
   t = make_targets("softmax_cross_entropy", jax.random.key(2), (b, 2))
-  _, grads, stats = jax.jit(cflax.value_grad_and_stats(model, fisher="empirical"))(params, x, t)
+  _, grads, stats = jax.jit(stats_helper(model, fisher="empirical"))(params, x, t)
   s = stats["Dense_0"]
   assert s.inputs.shape == (b, 2, 3) and s.output_grads.shape == (b, 2, 3)
   np.testing.assert_allclose(s.inputs[:, 0], x)  # first call's input
@@ -153,7 +166,7 @@ def test_remat_is_captured(x64):
   x = jax.random.normal(jax.random.key(0), (b, 3), F64)
   params = jax.jit(model.init)(jax.random.key(1), x)["params"]
   t = make_targets("softmax_cross_entropy", jax.random.key(2), (b, 3))
-  _, grads, stats = jax.jit(cflax.value_grad_and_stats(model, fisher="empirical"))(params, x, t)
+  _, grads, stats = jax.jit(stats_helper(model, fisher="empirical"))(params, x, t)
   assert sorted(stats) == ["CheckpointDense_0", "Dense_0"]
   pe = per_example_grads(model, params, x, t, "softmax_cross_entropy")
   for path in stats:
@@ -217,7 +230,7 @@ def test_lifted_transform_raises_naming_the_layer(model, layer, message):
   x = jnp.ones((2, 5, 3))
   params = jax.jit(model.init)(jax.random.key(0), x)["params"]
   t = jnp.zeros((2, 5), jnp.int32)
-  vgs = cflax.value_grad_and_stats(model, fisher="empirical")
+  vgs = stats_helper(model, fisher="empirical")
   with pytest.raises(ValueError, match=f"layer '{layer}'.*{message}"):
     vgs(params, x, t)
 
@@ -229,7 +242,7 @@ def test_weights_mask_drops_examples(x64):
   t = make_targets("softmax_cross_entropy", jax.random.key(2), (b, 4))
   mask = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
   keep = np.flatnonzero(mask)
-  vgs = jax.jit(cflax.value_grad_and_stats(model, fisher="empirical"))
+  vgs = jax.jit(stats_helper(model, fisher="empirical"))
   loss, grads, stats = vgs(params, x, t, weights=mask)
   loss_k, grads_k, stats_k = vgs(params, x[keep], t[keep])
   np.testing.assert_allclose(loss, loss_k, rtol=1e-12)
@@ -248,7 +261,7 @@ def test_weights_general(x64):
   params = jax.jit(model.init)(jax.random.key(1), x)["params"]
   t = make_targets("squared_error", jax.random.key(2), (b, 4))
   w = jnp.array([0.5, 2.0, 0.0, 1.0, 3.0])
-  vgs = jax.jit(cflax.value_grad_and_stats(model, loss="squared_error", fisher="empirical"))
+  vgs = jax.jit(stats_helper(model, loss="squared_error", fisher="empirical"))
   loss, grads, stats = vgs(params, x, t, weights=w)
   _, _, stats_1 = vgs(params, x, t)  # unweighted: per-example gradients
   wmean = lambda p: jnp.sum(w * per_example_loss("squared_error", model.apply({"params": p}, x), t))
@@ -261,21 +274,90 @@ def test_weights_general(x64):
     np.testing.assert_allclose(g.T @ g / b, expected, atol=1e-12)
 
 
-def test_apply_gradients_forwards_layer_stats():
+def test_train_state_apply_gradients_passes_extra_to_update():
+  """``TrainState.apply_gradients(grads=..., **extra)`` is ``tx.update(..., **extra)``: all of
+  ``extra``, as ``cgfac()``'s quadratic model needs (Flax's own ``apply_gradients`` drops it)."""
   model = nn.Sequential([nn.Dense(5), nn.tanh, nn.Dense(3)])
   x = jax.random.normal(jax.random.key(0), (8, 4))
   t = jnp.arange(8) % 3
   params = jax.jit(model.init)(jax.random.key(1), x)["params"]
-  tx = cgfac.cgfac(learning_rate=0.1, damping=1e-2)
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  _, grads, stats = jax.jit(cflax.value_grad_and_stats(model))(params, x, t, jax.random.key(2))
-  new = cflax.apply_gradients(state, grads, layer_stats=stats)
-  updates, opt_state = tx.update(grads, state.opt_state, params, layer_stats=stats)
+  tx = cgfac.cgfac()
+  state = cflax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  assert state.collections == {}
+  fn = cflax.value_grad_and_extra(model)
+
+  @jax.jit
+  def both(state, key):
+    _, grads, extra = fn(state.params, x, t, key)
+    assert "collections" not in extra  # none given, none returned
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+    return state.apply_gradients(grads=grads, **extra), (updates, opt_state), grads
+
+  new, (updates, opt_state), grads = both(state, jax.random.key(2))
   assert int(new.step) == 1
-  jax.tree.map(np.testing.assert_array_equal, new.params, optax.apply_updates(params, updates))
-  jax.tree.map(np.testing.assert_array_equal, new.opt_state, opt_state)
+  close = lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+  jax.tree.map(close, new.params, optax.apply_updates(params, updates))
+  jax.tree.map(close, new.opt_state, opt_state)
+  assert float(new.opt_state[0].coefficients[0]) != 0.0  # the quadratic model's step size
   with pytest.raises(ValueError, match="layer_stats"):
-    state.apply_gradients(grads=grads)  # the reason apply_gradients exists
+    train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx).apply_gradients(
+      grads=grads
+    )
+  with pytest.raises(TypeError, match="params= or variables=, exactly one"):
+    cflax.TrainState.create(apply_fn=model.apply, tx=tx)
+  with pytest.raises(TypeError, match="params= or variables=, exactly one"):
+    cflax.TrainState.create(apply_fn=model.apply, tx=tx, params=params, variables={})
+
+
+class BatchNormNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(6, param_dtype=F64)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.5, param_dtype=F64)(x)
+    return nn.Dense(3, param_dtype=F64)(jnp.tanh(x))
+
+
+def test_collections_are_updated_as_a_mutable_apply_updates_them(x64):
+  model, b = BatchNormNet(), 6
+  x = jax.random.normal(jax.random.key(0), (b, 4), F64)
+  t = jnp.arange(b) % 3
+  variables = jax.jit(model.init, static_argnames="train")(jax.random.key(1), x, train=False)
+  tx = cgfac.cgfac(learning_rate=0.1)
+  state = cflax.TrainState.create(apply_fn=model.apply, variables=variables, tx=tx)
+  assert set(state.collections) == {"batch_stats"} and "batch_stats" not in state.params
+  fn = cflax.value_grad_and_extra(model, fisher="empirical")
+
+  @functools.partial(jax.jit, static_argnames="train")
+  def step(state, train):
+    """The helper and TrainState; and the reference: a value_and_grad of a mutable apply."""
+    loss, grads, extra = fn(state.params, x, t, collections=state.collections, train=train)
+    new = state.apply_gradients(grads=grads, **extra)
+
+    def reference(p):
+      out, changed = model.apply(
+        {"params": p, **state.collections}, x, train=train, mutable=["batch_stats"]
+      )
+      return per_example_loss("softmax_cross_entropy", out, t).mean(), changed
+
+    (ref_loss, changed), ref_grads = jax.value_and_grad(reference, has_aux=True)(state.params)
+    return (loss, grads, extra["collections"], new.collections), (ref_loss, ref_grads, changed)
+
+  for train in (True, False):
+    (loss, grads, collections, stored), (ref_loss, ref_grads, changed) = step(state, train)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-12), grads, ref_grads)
+    assert set(changed) == {"batch_stats"}
+    jax.tree.map(np.testing.assert_array_equal, collections, changed)
+    moved = jax.tree.map(lambda u, v: bool(jnp.any(u != v)), changed, state.collections)
+    assert any(jax.tree.leaves(moved)) == train  # running averages move in training mode only
+    jax.tree.map(np.testing.assert_array_equal, stored, changed)
+  # mutable=False: nothing may change (evaluation mode), and nothing does.
+  _, _, extra = fn(state.params, x, t, collections=state.collections, mutable=False, train=False)
+  jax.tree.map(np.testing.assert_array_equal, extra["collections"], state.collections)
+  with pytest.raises(ValueError, match="mutable must be a bool, a collection name or a list"):
+    fn(state.params, x, t, collections=state.collections, mutable=[3], train=True)
+  with pytest.raises(TypeError, match="collections=, not variables="):
+    fn(state.params, x, t, variables=variables, train=True)
 
 
 def test_errors():
@@ -284,10 +366,10 @@ def test_errors():
   params = jax.jit(model.init)(jax.random.key(0), x)["params"]
   labels = jnp.array([0, 1, 2, 0])
   with pytest.raises(ValueError, match="loss must be one of .* got 'hinge'"):
-    cflax.value_grad_and_stats(model, loss="hinge")
+    stats_helper(model, loss="hinge")
   with pytest.raises(ValueError, match="fisher must be one of .* got 'true'"):
-    cflax.value_grad_and_stats(model, fisher="true")
-  vgs = cflax.value_grad_and_stats(model)
+    stats_helper(model, fisher="true")
+  vgs = stats_helper(model)
   with pytest.raises(ValueError, match="needs a PRNG key"):
     vgs(params, x, labels)
   with pytest.raises(ValueError, match=r"targets of shape \(4,\) .* got \(4, 3\)"):
@@ -296,8 +378,6 @@ def test_errors():
     vgs(params, x, labels.astype(jnp.float32), jax.random.key(0))
   with pytest.raises(ValueError, match=r"weights must have shape \(4,\), got \(3,\)"):
     vgs(params, x, labels, jax.random.key(0), weights=jnp.ones(3))
-  with pytest.raises(ValueError, match="mutable"):
-    vgs(params, x, labels, jax.random.key(0), mutable=["batch_stats"])
 
   embed = nn.Sequential([nn.Embed(10, 3), nn.LayerNorm()])
   tokens = jnp.zeros((4, 2), jnp.int32)
@@ -307,15 +387,15 @@ def test_errors():
     match=r"calls no layer .*'nn.Conv', 'nn.Dense', 'nn.DenseGeneral', 'nnx.Conv', 'nnx.Einsum', "
     r"'nnx.Linear', 'nnx.LinearGeneral'",
   ):
-    cflax.value_grad_and_stats(embed, fisher="empirical")(p, tokens, jnp.zeros((4, 2), jnp.int32))
+    stats_helper(embed, fisher="empirical")(p, tokens, jnp.zeros((4, 2), jnp.int32))
 
   batched = nn.DenseGeneral(3, batch_dims=(0,))
   xb = jnp.ones((4, 2))
   pb = jax.jit(batched.init)(jax.random.key(0), xb)["params"]
   with pytest.raises(ValueError, match=r"layer '' \(DenseGeneral\): .*batch_dims=\(0,\)"):
-    cflax.value_grad_and_stats(batched, fisher="empirical")(pb, xb, labels)
+    stats_helper(batched, fisher="empirical")(pb, xb, labels)
 
   wrong_leading = nn.DenseGeneral(3, axis=0)
   pw = jax.jit(wrong_leading.init)(jax.random.key(0), jnp.ones((4, 2)))["params"]
   with pytest.raises(ValueError, match="contracts the leading"):
-    cflax.value_grad_and_stats(wrong_leading, fisher="empirical")(pw, jnp.ones((4, 2)), labels[:2])
+    stats_helper(wrong_leading, fisher="empirical")(pw, jnp.ones((4, 2)), labels[:2])

@@ -1,5 +1,9 @@
-"""NNX capture: per-example oracle, shared layers, transforms, state (training through
-``nnx.Optimizer``: ``tests/test_train_digits.py``)."""
+"""NNX capture: per-example oracle, shared layers, transforms, state and RNG streams written back,
+``cgfac()`` under ``nnx.jit`` (training through ``nnx.Optimizer``: ``tests/test_train_digits.py``;
+real models: ``tests/test_real_models.py``)."""
+
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +12,14 @@ import optax
 import pytest
 from flax import nnx
 
+import cgfac_optax as cgfac
 from cgfac_optax import flax as cflax
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import oracles  # noqa: E402
+
+# (loss, grads, stats) of the NNX helper.
+nnx_stats = oracles.with_stats(cflax.nnx_value_grad_and_extra)
 F64 = jnp.float64
 ORIGINAL_CALL = nnx.Linear.__call__
 
@@ -61,7 +71,7 @@ def test_per_example_oracle(x64):
   model, b = MLP(nnx.Rngs(0), F64), 5
   x = jax.random.normal(jax.random.key(1), (b, 3), F64)
   t = jax.random.randint(jax.random.key(2), (b,), 0, 4)
-  loss, grads, stats = cflax.nnx_value_grad_and_stats(model, x, t, fisher="empirical")
+  loss, grads, stats = nnx_stats(model, x, t, fisher="empirical")
 
   ref_loss, ref_grads = nnx.value_and_grad(lambda m: ce(m(x), t).mean())(model)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
@@ -92,7 +102,7 @@ def test_sequence_and_shared_layer(x64):
   model, b, t_len = SeqShared(nnx.Rngs(0)), 3, 4
   x = jax.random.normal(jax.random.key(1), (b, t_len, 3), F64)
   t = jax.random.randint(jax.random.key(2), (b, t_len), 0, 4)
-  _, grads, stats = cflax.nnx_value_grad_and_stats(model, x, t, fisher="empirical")
+  _, grads, stats = nnx_stats(model, x, t, fisher="empirical")
   assert stats["head"].inputs.shape == (b, t_len, 3)
   assert stats["shared"].inputs.shape == (b, 2 * t_len, 3)  # both calls' positions
   np.testing.assert_allclose(stats["shared"].inputs[:, :t_len], x)
@@ -147,7 +157,7 @@ def test_transform_inside_model_raises_naming_the_layer(cls, layer):
   model = cls(nnx.Rngs(0))
   x, t = jnp.ones((4, 3)), jnp.zeros((4,), jnp.int32)
   with pytest.raises(ValueError, match=f"layer '{layer}' \\(Linear\\) is called inside"):
-    cflax.nnx_value_grad_and_stats(model, x, t, fisher="empirical")
+    nnx_stats(model, x, t, fisher="empirical")
   assert nnx.Linear.__call__ is ORIGINAL_CALL  # restored after the error
 
 
@@ -167,7 +177,7 @@ class WithSubclass(nnx.Module):
 def test_subclass_captured_once():
   model = WithSubclass(nnx.Rngs(0))
   x, t = jnp.ones((4, 3)), jnp.zeros((4,), jnp.int32)
-  _, _, stats = cflax.nnx_value_grad_and_stats(model, x, t, fisher="empirical")
+  _, _, stats = nnx_stats(model, x, t, fisher="empirical")
   assert stats["a"].inputs.shape == (4, 3)  # one call, not one per patched class
   assert "__call__" not in MyLinear.__dict__
 
@@ -185,25 +195,98 @@ class WithBatchNorm(nnx.Module):
 def test_state_written_back_like_nnx_grad():
   x, t = jax.random.normal(jax.random.key(0), (8, 3)), jnp.arange(8) % 2
   ours, ref = WithBatchNorm(nnx.Rngs(0)), WithBatchNorm(nnx.Rngs(0))
-  cflax.nnx_value_grad_and_stats(ours, x, t, fisher="empirical")
+  nnx_stats(ours, x, t, fisher="empirical")
   nnx.grad(lambda m: ce(m(x), t).mean())(ref)
   mean = ours.norm.mean[...]
   assert not np.allclose(mean, 0.0)
   np.testing.assert_allclose(mean, ref.norm.mean[...], rtol=1e-6)
 
 
+class Noisy(nnx.Module):
+  """Dropout with its own RNG stream, one drawing from the call's ``rngs``, and BatchNorm."""
+
+  def __init__(self, rngs, dtype=F64):
+    self.linear = nnx.Linear(3, 6, param_dtype=dtype, rngs=rngs)
+    self.norm = nnx.BatchNorm(6, param_dtype=dtype, rngs=rngs)
+    self.stored = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=7))
+    self.given = nnx.Dropout(0.3)
+    self.head = nnx.Linear(6, 2, param_dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, *, rngs):
+    h = self.given(self.stored(jnp.tanh(self.norm(self.linear(x)))), rngs=rngs)
+    return self.head(h)
+
+
+def same(u, v):
+  """Equal arrays, PRNG keys by their data."""
+  data = lambda w: jax.random.key_data(w) if jnp.issubdtype(w.dtype, jax.dtypes.prng_key) else w
+  np.testing.assert_array_equal(data(u), data(v))
+
+
+def test_rng_streams_and_state_written_back_like_nnx_value_and_grad(x64):
+  """Two steps: the same loss and gradients as ``nnx.value_and_grad`` (the same dropout masks),
+  and the model's and the call's RNG counts and batch statistics where it leaves them (the
+  stats pass and ``value_fn`` run on copies)."""
+  x, t = jax.random.normal(jax.random.key(0), (8, 3), F64), jnp.arange(8) % 2
+  ours, ref = Noisy(nnx.Rngs(0)), Noisy(nnx.Rngs(0))
+  our_rngs, ref_rngs = nnx.Rngs(dropout=3), nnx.Rngs(dropout=3)
+  for _ in range(2):
+    loss, grads, extra = cflax.nnx_value_grad_and_extra(
+      ours, x, t, jax.random.key(1), rngs=our_rngs
+    )
+    # The extra passes, run after the write-back, see the state the loss pass saw: the same
+    # dropout masks, so the loss again at the same params.
+    params = nnx.state(ours, nnx.Param)
+    np.testing.assert_allclose(extra["value_fn"](params), loss, rtol=1e-12)
+    outputs = extra["curvature_model"].outputs_fn(params)
+    np.testing.assert_allclose(ce(outputs, t).mean(), loss, rtol=1e-12)
+    extra["layer_stats"]()
+    ref_loss, ref_grads = nnx.value_and_grad(lambda m, r: ce(m(x, rngs=r), t).mean())(ref, ref_rngs)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-12), grads, ref_grads)
+    jax.tree.map(same, nnx.state(ours), nnx.state(ref))
+    jax.tree.map(same, nnx.state(our_rngs), nnx.state(ref_rngs))
+  assert int(ours.stored.rngs.count[...]) == 2 and int(our_rngs.dropout.count[...]) == 2
+
+
+def test_cgfac_under_nnx_jit_with_a_forward_pass_that_changes_state():
+  """``cgfac()`` reads the quadratic model, which runs the model again inside ``update``; with
+  BatchNorm in training mode and Dropout holding its own RNG stream, the helpers used to run the
+  caller's Variables in that other trace (``TraceContextError: Cannot mutate RngCount from a
+  different trace level``)."""
+  model = Noisy(nnx.Rngs(0), jnp.float32)
+  optimizer = nnx.Optimizer(model, cgfac.cgfac(), wrt=nnx.Param)
+  rngs = nnx.Rngs(dropout=3)
+  x = jax.random.normal(jax.random.key(0), (16, 3))
+  t = (x[:, 0] > 0).astype(jnp.int32)
+
+  @nnx.jit
+  def step(model, optimizer, rngs, key):
+    loss, grads, extra = cflax.nnx_value_grad_and_extra(model, x, t, key, rngs=rngs)
+    optimizer.update(model, grads, **extra)
+    return loss
+
+  mean = model.norm.mean[...]
+  losses = [float(step(model, optimizer, rngs, jax.random.key(i))) for i in range(3)]
+  assert np.all(np.isfinite(losses))
+  assert not np.allclose(model.norm.mean[...], mean)
+  # One draw per step from each stream: the loss pass's, written back.
+  assert int(model.stored.rngs.count[...]) == 3 and int(rngs.dropout.count[...]) == 3
+  assert float(optimizer.opt_state[0].coefficients[0]) != 0.0
+
+
 def test_errors():
   model = MLP(nnx.Rngs(0))
   x, t = jnp.ones((4, 3)), jnp.zeros((4,), jnp.int32)
   with pytest.raises(ValueError, match="needs a PRNG key"):
-    cflax.nnx_value_grad_and_stats(model, x, t)
+    nnx_stats(model, x, t)
   with pytest.raises(ValueError, match="loss must be one of"):
-    cflax.nnx_value_grad_and_stats(model, x, t, loss="hinge")
+    nnx_stats(model, x, t, loss="hinge")
   with pytest.raises(ValueError, match=r"targets of shape \(4, 4\) .* got \(4,\)"):
-    cflax.nnx_value_grad_and_stats(model, x, t, loss="squared_error", fisher="empirical")
+    nnx_stats(model, x, t, loss="squared_error", fisher="empirical")
   norm_only = nnx.LayerNorm(3, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="calls no layer"):
-    cflax.nnx_value_grad_and_stats(norm_only, x, jnp.zeros((4,), jnp.int32), fisher="empirical")
+    nnx_stats(norm_only, x, jnp.zeros((4,), jnp.int32), fisher="empirical")
   assert nnx.Linear.__call__ is ORIGINAL_CALL
 
 
@@ -228,7 +311,7 @@ def test_attention_linear_general_and_dense_einsum_are_captured(x64):
   model, b = AttentionEinsum(nnx.Rngs(0)), 3
   x = jax.random.normal(jax.random.key(1), (b, 5, 4), F64)
   t = jax.random.randint(jax.random.key(2), (b, 5), 0, 4)
-  capture = nnx.jit(lambda m: cflax.nnx_value_grad_and_stats(m, x, t, fisher="empirical")[1:])
+  capture = nnx.jit(lambda m: nnx_stats(m, x, t, fisher="empirical")[1:])
   grads, stats = capture(model)
   assert set(stats) == {"attention", "proj", "head"}  # per_head is not a dense map
   assert set(stats["attention"]) == {"query", "key", "value", "out"}

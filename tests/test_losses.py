@@ -49,10 +49,12 @@ def test_output_hvp_promotes_low_precision(loss):
   np.testing.assert_allclose(low, full, rtol=2e-2, atol=1e-3)
 
 
-def test_flax_subpackage_uses_the_moved_table():
-  from cgfac_optax.flax import _capture, linen, nnx
+def test_capture_and_flax_subpackage_use_the_moved_table():
+  from cgfac_optax import _capture
+  from cgfac_optax.flax import linen, nnx
 
   assert _capture._losses is _losses
   assert linen._losses is _losses
   assert nnx._losses is _losses
-  assert cgfac_optax.flax.value_grad_and_stats is linen.value_grad_and_stats
+  assert cgfac_optax.flax.value_grad_and_extra is linen.value_grad_and_extra
+  assert cgfac_optax.flax.nnx_value_grad_and_extra is nnx.nnx_value_grad_and_extra

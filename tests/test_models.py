@@ -9,6 +9,9 @@ Every parameter of a model gets one documented update:
   ``fallback`` (default ``"diagonal"``: damped diagonal empirical Fisher).
 """
 
+import pathlib
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,14 @@ from sklearn.datasets import load_digits
 import cgfac_optax as cgfac
 from cgfac_optax import _layers
 from cgfac_optax import flax as cflax
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import oracles  # noqa: E402
+
+
+def stats_helper(model, **kwargs):
+  """``fn(params, inputs, targets, ...) -> (loss, grads, stats)`` of the Linen helper."""
+  return oracles.with_stats(cflax.value_grad_and_extra(model, **kwargs))
 
 
 def _per_example_ce(logits, labels):
@@ -64,7 +75,7 @@ def test_linen_conv_capture_reproduces_per_example_gradients():
   y = jnp.array([0, 3, 1, 4])
   model = ConvNet(param_dtype=jnp.float64)
   params = model.init(jax.random.key(1), x)["params"]
-  vgs = jax.jit(cflax.value_grad_and_stats(model, fisher="empirical"))
+  vgs = jax.jit(stats_helper(model, fisher="empirical"))
   _, grads, stats = vgs(params, x, y)
   assert stats["Conv_0"].inputs.shape == (4, 4, 3, 18)  # stride 2, SAME: 4x3 positions
   assert stats["Conv_1"].inputs.shape == (4, 4, 3, 16)  # circular keeps the positions
@@ -87,8 +98,8 @@ def test_captured_1x1_conv_equals_captured_dense_per_position():
   conv, dense = nn.Conv(3, (1, 1), **kw), nn.Dense(3, **kw)
   conv_p = conv.init(jax.random.key(2), x)["params"]
   dense_p = {"kernel": conv_p["kernel"][0, 0], "bias": conv_p["bias"]}
-  _, conv_g, conv_s = cflax.value_grad_and_stats(conv, fisher="empirical")(conv_p, x, y)
-  _, dense_g, dense_s = cflax.value_grad_and_stats(dense, fisher="empirical")(dense_p, x, y)
+  _, conv_g, conv_s = stats_helper(conv, fisher="empirical")(conv_p, x, y)
+  _, dense_g, dense_s = stats_helper(dense, fisher="empirical")(dense_p, x, y)
   np.testing.assert_allclose(conv_s.inputs, dense_s.inputs, rtol=1e-12)
   np.testing.assert_allclose(conv_s.output_grads, dense_s.output_grads, rtol=1e-12)
   tx = cgfac.scale_by_cgfac(0.05, solver="lowrank")
@@ -114,7 +125,9 @@ def test_nnx_conv_capture_reproduces_per_example_gradients():
   x = jax.random.normal(jax.random.key(0), (3, 9, 6, 2))
   y = jnp.array([1, 0, 4])
   model = NNXConvNet(nnx.Rngs(0))
-  _, grads, stats = cflax.nnx_value_grad_and_stats(model, x, y, fisher="empirical")
+  _, grads, stats = oracles.with_stats(cflax.nnx_value_grad_and_extra)(
+    model, x, y, fisher="empirical"
+  )
   graphdef, params = nnx.split(model, nnx.Param)
 
   def example_loss(p, xj, yj):
@@ -147,7 +160,7 @@ def test_sequence_dense_capture_reproduces_per_example_gradients_summed_over_tok
   y = jax.random.randint(jax.random.key(1), (b, t), 0, 3)
   model = TokenMLP()
   params = model.init(jax.random.key(2), x)["params"]
-  _, grads, stats = jax.jit(cflax.value_grad_and_stats(model, fisher="empirical"))(params, x, y)
+  _, grads, stats = jax.jit(stats_helper(model, fisher="empirical"))(params, x, y)
   assert stats["hidden"].inputs.shape == (b, t, 2)
   assert stats["out"].output_grads.shape == (b, t, 3)
 
@@ -189,13 +202,14 @@ class Block(nn.Module):
 
 def _train(model, x, y, tx, steps, batch):
   params = model.init(jax.random.key(0), x[:2])["params"]
-  vgs = cflax.value_grad_and_stats(model)
+  fn = cflax.value_grad_and_extra(model)
   state = tx.init(params)
 
   @jax.jit
   def step(params, state, xb, yb, rng):
-    loss, grads, stats = vgs(params, xb, yb, rng)
-    updates, state = tx.update(grads, state, params, layer_stats=stats)
+    loss, grads, extra = fn(params, xb, yb, rng)
+    stats = extra["layer_stats"]()  # returned for the plan; update takes the stats or the function
+    updates, state = tx.update(grads, state, params, **{**extra, "layer_stats": stats})
     return optax.apply_updates(params, updates), state, loss, stats
 
   rng = np.random.default_rng(0)

@@ -100,21 +100,17 @@ class Model:
       self.x, self.y = _data((16, 4, 3))
       self.params = jax.jit(module.init)(jax.random.key(1), self.x)["params"]
       self.apply = lambda p, x: module.apply({"params": p}, x)
-      self.vgs = cflax.value_grad_and_stats(module, loss=LOSS, fisher="empirical")
+      self.module = module
 
   def loss(self, params, x):
     return optax.softmax_cross_entropy_with_integer_labels(self.apply(params, x), self.y).mean()
 
-  def value_grads_stats(self, params, x):
+  def value_grads_extra(self, params, x, curvature_batch_size):
+    """The helper's ``(loss, grads, extra)``: curvature from the first ``curvature_batch_size``."""
+    options = dict(loss=LOSS, fisher="empirical", curvature_batch_size=curvature_batch_size)
     if self.kind == "nnx":
-      model = self.module(params)
-      return cflax.nnx_value_grad_and_stats(model, x, self.y, loss=LOSS, fisher="empirical")
-    return self.vgs(params, x, self.y, jax.random.key(2))
-
-  def curvature_model(self, params, x):
-    if self.kind == "nnx":
-      return cflax.nnx_curvature_model(self.module(params), x, loss=LOSS, rows=8)
-    return cgfac.CurvatureModel(lambda p: self.apply(p, x[:8]), LOSS)
+      return cflax.nnx_value_grad_and_extra(self.module(params), x, self.y, **options)
+    return cflax.value_grad_and_extra(self.module, **options)(params, x, self.y)
 
 
 @functools.cache
@@ -164,23 +160,19 @@ class Runner:
       )
     model, tx = self.model, self.tx
 
+    # The adaptive mode's quadratic model on the 8 examples its factors see, as its option says.
+    rows = options.get("curvature_batch_size")
+
     @jax.jit
     def step(params, state, x, inf_grad):
-      loss, grads, stats = model.value_grads_stats(params, x)
+      _, grads, extra = model.value_grads_extra(params, x, rows)
       scale = _norm_scale(grads, kind)
       poisoned = jnp.where(inf_grad, jnp.inf, 0.0)
       if kind == "nnx":
         grads["norm"]["scale"] = scale.replace(scale[...].at[0].add(poisoned))
       else:
         grads["LayerNorm_0"]["scale"] = scale.at[0].add(poisoned)
-      extra = {}
-      if adaptive:
-        extra = dict(
-          curvature_model=model.curvature_model(params, x),
-          value=loss,
-          value_fn=lambda p: model.loss(p, x),
-        )
-      updates, state = tx.update(grads, state, params, layer_stats=stats, **extra)
+      updates, state = tx.update(grads, state, params, **extra)
       return optax.apply_updates(params, updates), state
 
     self.step = step

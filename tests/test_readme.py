@@ -26,8 +26,11 @@ def run_block(index: int, tmp_path: pathlib.Path) -> str:
 def test_readme_has_examples():
   assert len(BLOCKS) >= 1
   flax_blocks = [b for b in BLOCKS if FLAX_MARKER in b]
-  assert any("cflax.value_grad_and_stats(" in b for b in flax_blocks)
-  assert any("cflax.nnx_value_grad_and_stats(" in b for b in flax_blocks)
+  assert any("cflax.value_grad_and_extra(" in b for b in flax_blocks)
+  assert any("cflax.nnx_value_grad_and_extra(" in b for b in flax_blocks)
+  assert any("cflax.TrainState.create(" in b for b in flax_blocks)
+  # The helpers' extra goes to update whole: cgfac() reads all of it.
+  assert any("cgfac.cgfac()" in b and "**extra)" in b for b in flax_blocks)
   # The pure-JAX example supplies cgfac()'s quadratic model by hand.
   assert "cgfac.CurvatureModel(" in BLOCKS[0] and "value_fn=" in BLOCKS[0]
 

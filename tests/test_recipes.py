@@ -244,7 +244,8 @@ def test_nnx_optimizer_with_partition_is_the_optax_update():
 
   @nnx.jit
   def step(model, optimizer):
-    _, grads, stats = cflax.nnx_value_grad_and_stats(model, tokens, y, jax.random.key(3))
+    _, grads, extra = cflax.nnx_value_grad_and_extra(model, tokens, y, jax.random.key(3))
+    stats = extra["layer_stats"]()
     selected = cgfac.select_stats(stats, labels, "muon"), cgfac.select_stats(stats, labels, "cgfac")
     optimizer.update(model, grads, layer_stats=selected[1])
     return grads, selected

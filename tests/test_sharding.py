@@ -51,7 +51,7 @@ def run_worker(*args: str) -> dict:
   return out["result"]
 
 
-MODELS = ("linen_mlp", "linen_cnn")  # Flax Linen models, stats from cgfac_optax.flax
+MODELS = ("linen_mlp", "linen_cnn")  # Flax Linen models through cgfac_optax.flax
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -210,6 +210,19 @@ def test_adaptive_damping_on_an_explicit_mesh_matches_one_device():
   # value_fn closes over the explicitly sharded batch and is called inside the solve.
   result = run_worker("adaptive")
   assert result["params_rel_diff"] <= 1e-5 and result["control_rel_diff"] <= 1e-5, result
+
+
+def test_readme_cgfac_recipe_on_an_explicit_mesh_matches_one_device():
+  # cgfac() runs every function of extra (the stats, the curvature model's outputs, value_fn)
+  # inside its update, which on a mesh with Explicit axes used to fail with "Argument
+  # '<function ...>' is not a valid JAX type".
+  result = run_worker("recipe")
+  assert result["axis_types"] == ["AxisType.Explicit"] and result["batch_spec"].startswith(
+    "P('data'"
+  ), result
+  losses = result["losses"]
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert result["loss_rel_diff"] <= 1e-5 and result["params_rel_diff"] <= 1e-5, result
 
 
 def _doc_section() -> str:

@@ -1,9 +1,10 @@
 """Training on sklearn's digits, once per way of feeding the optimizer its stats.
 
 Pure JAX with the stats computed by hand (``tests/digits_mlp.py``, whose stats are checked here
-against per-example gradients), a Linen ``TrainState`` through ``cflax.apply_gradients``, and an
-NNX model through ``nnx.Optimizer``. Conv and transformer models train in
-``tests/test_models.py``; the README's examples (``tests/test_readme.py``) train too.
+against per-example gradients), a Linen ``cflax.TrainState`` through
+``apply_gradients(grads=..., **extra)``, and an NNX model through ``nnx.Optimizer``. Conv and
+transformer models train in ``tests/test_models.py`` and ``tests/test_real_models.py``; the
+README's examples (``tests/test_readme.py``) train too.
 """
 
 import pathlib
@@ -16,7 +17,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from flax.training import train_state
 
 import cgfac_optax as cgfac
 from cgfac_optax import flax as cflax
@@ -110,13 +110,13 @@ def test_linen_train_state_trains():
   model = nn.Sequential([nn.Dense(32), nn.tanh, nn.Dense(10)])
   params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
   tx = cgfac.cgfac(learning_rate=0.3, damping=0.1, momentum=None, max_iters=5, kl_clip=None)
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  vgs = cflax.value_grad_and_stats(model, loss="softmax_cross_entropy", fisher="sampled")
+  state = cflax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  fn = cflax.value_grad_and_extra(model, loss="softmax_cross_entropy", fisher="sampled")
 
   @jax.jit
   def step(state, xb, yb, key):
-    loss, grads, stats = vgs(state.params, xb, yb, key)
-    return cflax.apply_gradients(state, grads, layer_stats=stats), loss
+    loss, grads, extra = fn(state.params, xb, yb, key)
+    return state.apply_gradients(grads=grads, **extra), loss
 
   full_loss = jax.jit(lambda p: _ce(model.apply({"params": p}, x), y))
   before = full_loss(state.params)
@@ -155,8 +155,8 @@ def test_nnx_optimizer_trains():
 
   @nnx.jit
   def step(model, optimizer, xb, yb, key):
-    loss, grads, stats = cflax.nnx_value_grad_and_stats(model, xb, yb, key)
-    optimizer.update(model, grads, layer_stats=stats)  # extra keywords reach tx.update
+    loss, grads, extra = cflax.nnx_value_grad_and_extra(model, xb, yb, key)
+    optimizer.update(model, grads, **extra)  # extra keywords reach tx.update
     return loss
 
   full_loss = nnx.jit(lambda m: _ce(m(images), y))

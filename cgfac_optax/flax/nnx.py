@@ -109,6 +109,10 @@ def _model(model: nnx.Module, call_kwargs: dict) -> tuple[_capture.Model, Any, A
   plain = {k: v for k, v in call_kwargs.items() if k not in nodes}
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   nodes_def, nodes_state = nnx.split(nodes)
+  # The split's States hold the model's own Variables, which the write-back changes; the passes
+  # that ``extra`` runs later (the stats, the curvature model, ``value_fn``) must see the state
+  # the loss pass saw (the same RNG counts, so the same dropout masks), not the written-back one.
+  params, rest, nodes_state = _fresh(params), _fresh(rest), _fresh(nodes_state)
   classes = {type(m) for _, m in nnx.iter_modules(model) if find_rule(m) is not None}
 
   def merged(p):
