@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
   # ``cgfac_optax.flax`` is imported on first use, so ``import cgfac_optax``
-  # stays light and ``cgfac.flax.value_grad_and_stats`` still works.
+  # stays light and ``cgfac.flax.value_grad_and_extra`` still works.
   if name == "flax":
     import importlib
 

@@ -93,9 +93,11 @@ def cgfac(
     loss=...)(params, x, y, key)``, then ``tx.update(grads, state, params,
     **extra)``. Defaults: ``damping=AdaptiveDamping(initial=1e-2,
     minimum=1e-5)``, ``max_iters=1`` (one warm-started iteration),
-    ``curvature_decay=0.95``, ``refresh_every=20``,
-    ``curvature_batch_size=512``, ``solver="auto_memory"`` (per layer,
-    ``"pcg"`` where its memory fits ``memory_limit``, else ``"sketch"``).
+    ``curvature_decay=0.95``, ``refresh_every=20``, ``curvature_every=10``,
+    ``weight_sharing="reduce"``, ``curvature_batch_size=None`` (the stats as
+    given: the helpers' ``curvature_batch_size`` chooses the examples),
+    ``solver="auto_memory"`` (per layer, ``"pcg"`` where its memory fits
+    ``memory_limit``, else ``"sketch"``).
   - ``cgfac(learning_rate)``: ``optax.chain(scale_by_cgfac(damping,
     learning_rate=learning_rate, kl_clip=kl_clip, ...), optax.trace(momentum),
     optax.scale_by_learning_rate(learning_rate))``, KL clipping on by default
@@ -103,7 +105,8 @@ def cgfac(
     diverging. Defaults: ``damping=1e-3``, ``momentum=0.9``,
     ``kl_clip=1e-3`` (kfac-pytorch's bound), ``max_iters=10``,
     ``curvature_decay=0``, ``refresh_every=1``, ``curvature_batch_size=None``,
-    ``solver="auto"`` (per layer, the cheapest exact solver whose memory fits).
+    ``curvature_every=1``, ``weight_sharing="expand"``, ``solver="auto"`` (per
+    layer, the cheapest exact solver whose memory fits).
 
   In either mode the default solver follows the curvature: ``"auto"`` when
   ``curvature_decay=0`` and ``refresh_every=1`` (batch-only), else
@@ -122,8 +125,9 @@ def cgfac(
     nesterov: fixed-rate mode, with momentum: use Nesterov momentum.
     kl_clip: fixed-rate mode: see :func:`scale_by_cgfac`; ``None`` turns
       clipping off.
-    max_iters, solver, curvature_decay, refresh_every: see
-      :func:`scale_by_cgfac`; ``None`` for the mode's default.
+    max_iters, solver, curvature_decay, refresh_every, curvature_every,
+      weight_sharing: see :func:`scale_by_cgfac`; ``None`` for the mode's
+      default.
     curvature_batch_size: see :func:`scale_by_cgfac`; ``"default"`` for the
       mode's default.
     tol, warm_start, preconditioner, fallback, fallback_decay, sketch_rank,

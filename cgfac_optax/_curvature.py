@@ -145,8 +145,14 @@ def stage(
     stats_of = lambda: read_stats(layer_stats)
   pick = lambda idx, xs: [xs[i] for i in idx]
   new, ok = _with_memory(
-    *(pick(kept, xs) for xs in (layers, methods)), memory, pick(kept, dtypes), stats_of,
-    gamma, count, reading, arithmetic,
+    *(pick(kept, xs) for xs in (layers, methods)),
+    memory,
+    pick(kept, dtypes),
+    stats_of,
+    gamma,
+    count,
+    reading,
+    arithmetic,
   )
   out = [None] * len(layers)
   for i in kept:

@@ -132,9 +132,7 @@ def _layer_solver(layer: Layer, memory, dtype, options: StageOptions) -> Solver:
   """The layer's solver (refused if its memory does not fit), checked against its memory."""
   reading = options.reading
   has_bias = layer.bias is not None
-  shape = _layers.shape(
-    layer.stats, has_bias, reading.curvature_batch_size, reading.weight_sharing
-  )
+  shape = _layers.shape(layer.stats, has_bias, reading.curvature_batch_size, reading.weight_sharing)
   plan = _plan.choose(options.choice, layer.path, shape, dtype)
   _plan.check_fits(plan)
   method = SOLVERS[plan.solver]

@@ -326,6 +326,20 @@ def scale_by_cgfac(
       ``"cond"`` (a ``lax.cond`` per layer and iteration), or ``None`` for the
       platform's default at trace time (``"cond"`` on CPU, ``"mask"`` on GPU
       and TPU); see :func:`cgfac_optax.batched_cg`.
+    curvature_every: read the stats, and average them into the curvature
+      memory, on steps ``0, T, 2T, ...`` only; the steps between precondition
+      with the memory as it is. ``layer_stats`` given as a function (as the
+      helpers give it) is then called on those steps only, inside a
+      ``lax.cond``, so the pass that computes the stats costs nothing on the
+      others. ``T > 1`` needs curvature memory on every layer. A Python int.
+      See :mod:`cgfac_optax._curvature`.
+    weight_sharing: for a layer applied at several positions (stats
+      ``(examples, positions..., d)``: convolution patches, tokens):
+      ``"expand"`` makes every position a row (``A = a^T a / rows``, ``G =
+      g^T g / examples``); ``"reduce"`` makes each example one row, its inputs
+      averaged and its output gradients summed over the positions (``A`` and
+      ``G`` over ``examples`` rows; Eschenhagen et al. 2023), cheaper, and exact
+      where the loss sees the positions through their mean.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
