@@ -32,7 +32,7 @@ from cgfac_optax._cg import batched_cg
 from cgfac_optax._clipping import ScaledSum
 from cgfac_optax._layers import Layer, LayerShape
 from cgfac_optax._solvers import SOLVERS, Solver
-from cgfac_optax._solvers._base import Arithmetic, arithmetic_for
+from cgfac_optax._solvers._base import arithmetic_for
 
 
 class StageOptions(NamedTuple):
