@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-oldest lint docs wheel format clean
+.PHONY: demo test test-oldest lint docs benchmarks-page wheel format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: $(VENV)/.dev-installed
 # must resolve, see docs/conf.py). -E rereads every page, so docstring changes always show.
 docs: $(VENV)/.docs-installed
 	$(BIN)/python -m sphinx -E -W --keep-going -n -q -b html docs docs/_build/html
+
+# docs/benchmarks_results.md and its figures, from the JSON in benchmarks/results/ (run after a
+# benchmark; it names the expected results that are missing).
+benchmarks-page: $(VENV)/.docs-installed
+	$(BIN)/python docs/benchmarks_page.py
 
 test: lint docs
 	$(BIN)/python -m pytest -n 2 cgfac_optax tests

@@ -23,7 +23,10 @@ KFC approximation ``L E[p p^T] (x) E[g g^T]`` with expectations over examples
 and positions, which is also the scale kfac-jax's ``Conv2DTwoKroneckerFactored``
 uses (both factors over ``B L``, times ``L``). With one position per example
 (a 1x1 conv on a 1x1 image) it is exactly the dense layer's block, and a 1x1
-stride-1 conv is a dense layer applied at every pixel.
+stride-1 conv is a dense layer applied at every pixel. That is the optimizer's
+``weight_sharing="expand"``; with ``"reduce"`` each example's patches are
+averaged and its output gradients summed over the positions first
+(K-FAC-reduce, see :func:`cgfac_optax.scale_by_cgfac`).
 """
 
 from __future__ import annotations

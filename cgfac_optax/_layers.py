@@ -18,7 +18,10 @@ about it that the solvers, the planner and the Flax capture share lives here:
   every kind of layer: ``s_A = 1 / rows`` and ``s_G = 1 / examples``. For an
   MLP both are ``1 / B``; for a layer applied at ``T`` positions (tokens,
   a convolution's output pixels) this is the K-FAC "expand" / KFC convention
-  (Eschenhagen et al. 2023; Grosse & Martens 2016).
+  (Eschenhagen et al. 2023; Grosse & Martens 2016). With
+  ``weight_sharing="reduce"`` the positions are first reduced to one row per
+  example, its inputs averaged and its output gradients summed
+  (:func:`curvature_rows`), so that ``rows = examples``.
 """
 
 from __future__ import annotations

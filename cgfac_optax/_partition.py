@@ -20,8 +20,9 @@ def select_stats(layer_stats: Any, param_labels: Any, label: Any = "cgfac") -> A
   """The stats of the layers whose ``kernel`` is labelled ``label``; the others become ``None``.
 
   Args:
-    layer_stats: stats keyed by layer path, as the Flax helpers return them
-      (``stats["Dense_0"]``, NNX: ``stats["layers"][0]``).
+    layer_stats: stats keyed by layer path (``stats["Dense_0"]``, NNX:
+      ``stats["layers"][0]``), or a function returning them, as the helpers
+      return ``extra["layer_stats"]``.
     param_labels: a pytree shaped like the parameters with a label at each leaf,
       the ``param_labels`` given to ``optax.partition`` (call it first if it is a
       function of the parameters), or a boolean mask as ``optax.masked`` takes
@@ -32,7 +33,8 @@ def select_stats(layer_stats: Any, param_labels: Any, label: Any = "cgfac") -> A
   Returns:
     ``layer_stats`` with the same structure, ``None`` in place of the stats of
     every layer routed elsewhere (``None`` entries are ignored by
-    :func:`scale_by_cgfac`).
+    :func:`scale_by_cgfac`); for a function, a function that selects from what
+    it returns, so the stats are still computed only when ``update`` reads them.
 
   Raises:
     ValueError: when ``param_labels`` has no ``kernel`` for a layer with stats.
@@ -50,6 +52,8 @@ def select_stats(layer_stats: Any, param_labels: Any, label: Any = "cgfac") -> A
       "param_labels must be a pytree of labels shaped like the parameters; for a function of "
       "the parameters, pass param_labels(params)"
     )
+  if callable(layer_stats):
+    return lambda: select_stats(layer_stats(), param_labels, label)
   paths, labels, _ = leaf_paths(param_labels)
   by_path = dict(zip(paths, labels))
   for path in flatten_stats(layer_stats):

@@ -70,9 +70,9 @@ class CurvatureModel(_CurvatureModelFields):
 
   Attributes:
     outputs_fn: the model's outputs (logits or means, ``(examples, ..., k)``)
-      on the batch (all of it is best: the step sizes and the damping are read
-      off this model), as a function of the parameters alone; close over the
-      inputs.
+      on the examples the step is judged on, as a function of the parameters
+      alone; close over the inputs. The helpers use the examples the stats
+      come from (the batch's first ``curvature_batch_size``).
     loss: a key of the loss table (``"softmax_cross_entropy"``,
       ``"sigmoid_binary_cross_entropy"`` or ``"squared_error"``), the loss the
       outputs are trained with.

@@ -6,6 +6,7 @@ resolve. References that cannot resolve here are listed below, with the reason.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -24,7 +25,8 @@ extensions = [
   "sphinx.ext.mathjax",
 ]
 source_suffix = {".md": "markdown"}
-exclude_patterns = ["_build"]
+# The generated results page is part of benchmarks.md (an include), not a page of its own.
+exclude_patterns = ["_build", "benchmarks_results.md"]
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 
@@ -62,5 +64,24 @@ def _drop_type_docstring(app, what, name, obj, options, lines):
     lines.clear()
 
 
+_NAMES_WRAPPED = re.compile(r"^(\s+)(\w+, )*\w+,$")
+
+
+def _join_wrapped_names(app, what, name, obj, options, lines):
+  """An Args entry documenting several options together may wrap its list of names
+  (``tol, warm_start, ...,`` then ``cg_skip: see ...`` on the next line); napoleon reads an
+  entry's names from its first line only, so the wrapped names are joined onto it first."""
+  i = 0
+  while i + 1 < len(lines):
+    first = _NAMES_WRAPPED.match(lines[i])
+    rest = lines[i + 1]
+    if first and rest.startswith(first.group(1) + " ") and ":" in rest:
+      lines[i : i + 2] = [f"{lines[i]} {rest.strip()}"]
+    else:
+      i += 1
+
+
 def setup(app):
   app.connect("autodoc-process-docstring", _drop_type_docstring)
+  # Before napoleon (priority 500) turns the Args sections into field lists.
+  app.connect("autodoc-process-docstring", _join_wrapped_names, priority=400)

@@ -346,7 +346,7 @@ def test_bad_traced_option_skips_the_step(name, value):
 
 def test_multi_steps_uses_the_mean_gradient_and_the_last_micro_batch_curvature():
   # optax.MultiSteps runs the inner update on every micro-step and keeps the last one's: the
-  # step preconditions the mean gradient with the last micro-batch's stats (README, "API").
+  # step preconditions the mean gradient with the last micro-batch's stats (docs/recipes.md).
   params, grads, stats = _layer(0)
   _, grads2, stats2 = _layer(1)
   inner = cgfac.cgfac(0.1, 1e-2, solver="eigh")

@@ -1,4 +1,4 @@
-"""The README's recipes: CG-FAC composed with optax's wrappers gives the updates it should.
+"""The recipes (docs/recipes.md): CG-FAC in optax's wrappers gives the updates it should.
 
 Each composition is checked against the same computation done by hand: ``optax.partition`` with
 :func:`cgfac_optax.select_stats` against each branch alone on its parameters, ``chain`` with
@@ -69,6 +69,15 @@ def test_select_stats_keeps_the_labelled_layers_and_their_structure():
   assert cgfac.select_stats(stats, LABELS, "adam")["dense"] is None
   mask = jax.tree.map(lambda label: label == "cgfac", LABELS)  # optax.masked's form
   assert cgfac.select_stats(stats, mask, True)["dense"] is stats["dense"]
+
+
+def test_select_stats_of_a_function_selects_when_called():
+  # The helpers give layer_stats as a function, called only on the steps that read the stats.
+  _, stats = _grads_and_stats(1)
+  calls = []
+  selected = cgfac.select_stats(lambda: calls.append(1) or stats, LABELS, "cgfac")
+  assert callable(selected) and not calls
+  assert selected() == cgfac.select_stats(stats, LABELS, "cgfac") and calls == [1]
 
 
 def test_select_stats_matches_nnx_state_paths():

@@ -22,9 +22,10 @@ the columns of ``Y = [sqrt(beta) Q diag(sqrt(l)), sqrt((1 - beta) s) a^T]``
 give ``Y Y^T = beta Q diag(l) Q^T + (1 - beta) A_t``, the average but for its
 old tail. Its ``k`` largest eigenpairs come from the ``(k + r) x (k + r)`` Gram
 ``Y^T Y`` (``Q = Y U diag(e)^{-1/2}``, as ``"lowrank"`` does for one batch), or
-from ``Y Y^T`` itself when ``d < k + r``: ``2 d (k + r)^2 + 9 (k + r)^3`` flops
-per factor and step (``2 d^2 (k + r) + 9 d^3`` through ``Y Y^T``). What the
-truncation drops, and the old tail, stay in ``tau`` and so in the new tail.
+from ``Y Y^T`` itself when ``d < k + r``: ``2 d (k + r)^2 + 9 (k + r)^3 + 2 d k (k + r)``
+flops per factor and step, the last term for ``Q`` (``2 d^2 (k + r) + 9 d^3`` through
+``Y Y^T``). What the truncation drops, and the old tail, stay in ``tau`` and so in the
+new tail.
 
 **Solve.** Factored damping, as ``"kfac_inverse"`` (Martens & Grosse 2015,
 sec. 6.3): ``x = (\hat A + \pi \sqrt\gamma I)^{-1} V (\hat G + \sqrt\gamma/\pi

@@ -121,7 +121,7 @@ def value_grad_and_extra(
   ``loss`` is the batch mean of the per-example losses and ``grads`` its
   gradient with respect to ``params``, from one forward and one backward pass
   of the unchanged model (what a first-order optimizer computes). ``extra``
-  holds (see :mod:`cgfac_optax`):
+  holds:
 
   - ``layer_stats``: a function that computes the curvature stats of the
     batch's first ``curvature_batch_size`` examples (one more forward pass of
