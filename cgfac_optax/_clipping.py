@@ -30,6 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cgfac_optax._finite import times_pow2
+
 
 class ScaledSum(NamedTuple):
   """``mantissa * 2**exponent``, a non-negative number that may exceed the float range.
@@ -42,7 +44,7 @@ class ScaledSum(NamedTuple):
 
   def value(self) -> jax.Array:
     """The number itself (``inf`` or 0 where it leaves the float range)."""
-    return jnp.ldexp(self.mantissa, self.exponent)
+    return times_pow2(self.mantissa, self.exponent)
 
 
 def scaled_sum(terms: Sequence[jax.Array], exponents: Sequence[jax.Array]) -> ScaledSum:
@@ -51,7 +53,7 @@ def scaled_sum(terms: Sequence[jax.Array], exponents: Sequence[jax.Array]) -> Sc
   exponents = jnp.stack([jnp.asarray(e, jnp.int32) for e in exponents])
   top = jnp.max(jnp.where(terms > 0, exponents, jnp.iinfo(jnp.int32).min))
   top = jnp.where(jnp.any(terms > 0), top, 0)
-  return ScaledSum(jnp.sum(jnp.ldexp(terms, exponents - top)), top)
+  return ScaledSum(jnp.sum(times_pow2(terms, exponents - top)), top)
 
 
 def x_dot_grad(x_hats, b_hats, exponents) -> ScaledSum:

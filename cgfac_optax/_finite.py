@@ -43,17 +43,49 @@ def all_finite(*xs: jax.Array) -> jax.Array:
   return jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]).all()
 
 
+def pow2(exponent, dtype) -> jax.Array:
+  """``2**exponent`` in ``dtype`` (float32 or float64), exact, built from its bits.
+
+  ``exponent`` (integers, any shape) is clipped to the normal range of ``dtype``.
+  """
+  info = jnp.finfo(dtype)
+  wide = jnp.dtype(dtype).itemsize == 8
+  e = jnp.clip(jnp.asarray(exponent), info.minexp, info.maxexp - 1)
+  e = e.astype(jnp.int64 if wide else jnp.int32)
+  return jax.lax.bitcast_convert_type((e + (info.maxexp - 1)) << info.nmant, dtype)
+
+
 def times_pow2(x: jax.Array, exponent) -> jax.Array:
   """``x * 2**exponent``: exact unless the result over- or underflows.
 
-  Three scalar factors, each a normal number for ``|exponent| <= 378``, cost
-  three multiplications per entry (``jnp.ldexp`` costs about ten).
+  Three factors, each a normal number (for ``|exponent|`` up to three times the
+  largest normal exponent: 378 in float32), made from their bits: three
+  multiplications per entry. ``exponent`` broadcasts against ``x``.
   """
-  e = jnp.asarray(exponent, jnp.int32)
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  info = jnp.finfo(dtype)
+  e = jnp.clip(jnp.asarray(exponent, jnp.int32), 3 * info.minexp, 3 * (info.maxexp - 1))
   e1 = e // 3
   e2 = (e - e1) // 2
-  one = jnp.ones([], x.dtype)
-  return x * jnp.ldexp(one, e1) * jnp.ldexp(one, e2) * jnp.ldexp(one, e - e1 - e2)
+  return x.astype(dtype) * pow2(e1, dtype) * pow2(e2, dtype) * pow2(e - e1 - e2, dtype)
+
+
+def exponent_of(top: jax.Array) -> jax.Array:
+  """``e`` with ``top = m 2^e``, ``m`` in ``[1/2, 1)``, for a finite ``top >= 0`` (0 for 0).
+
+  As ``jnp.frexp`` gives it, read from the bits (arithmetic on subnormals may flush them
+  to zero, so a subnormal's exponent is read from its leading mantissa bit).
+  """
+  dtype = jnp.promote_types(top.dtype, jnp.float32)
+  info = jnp.finfo(dtype)
+  width = 64 if jnp.dtype(dtype).itemsize == 8 else 32
+  bits = jax.lax.bitcast_convert_type(top.astype(dtype), jnp.int64 if width == 64 else jnp.int32)
+  field = (bits >> info.nmant) & (2**info.nexp - 1)
+  bias = info.maxexp - 2  # frexp's exponent of a normal number is field - bias
+  mantissa = bits & (2**info.nmant - 1)
+  leading = (width - 1) - jax.lax.clz(mantissa)  # a subnormal is mantissa 2^-(nmant + bias)
+  e = jnp.where(field > 0, field - bias, leading + 1 - info.nmant - bias)
+  return jnp.where(bits != 0, e, 0).astype(jnp.int32)
 
 
 def unit_system(curvature_ok: jax.Array, b: jax.Array, x0: jax.Array) -> UnitSystem:
@@ -64,8 +96,7 @@ def unit_system(curvature_ok: jax.Array, b: jax.Array, x0: jax.Array) -> UnitSys
   """
   top = jnp.max(jnp.abs(b), initial=0.0)  # NaN if b holds one
   ok = jnp.isfinite(top) & curvature_ok
-  _, exponent = jnp.frexp(jnp.where(ok, top, 0))
-  exponent = exponent.astype(jnp.int32)
+  exponent = exponent_of(jnp.where(ok, top, 0))
   b_hat = jnp.where(ok, times_pow2(b, -exponent), 0)
   x0_hat = times_pow2(x0, -exponent)
   # A warm start that no longer fits the scale (or was never finite) is dropped, not clipped.

@@ -15,6 +15,10 @@ compares the loss at ``params + delta`` to.
 
 from __future__ import annotations
 
+import functools
+import itertools
+
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -57,17 +61,26 @@ def bounded_by_loss(x, undamped, b, value):
   return x, 0.5 * x @ undamped @ x + b @ x, shortened
 
 
-def _coefficients(model, params, direction, previous, g, gamma, treedef):
-  """``(alpha, mu)`` of the damped model, the undamped Gram matrix, and ``b``."""
-  vectors = [treedef.unflatten(direction), treedef.unflatten(previous)]
+def _flat(leaves, dtype) -> jax.Array:
+  """The leaves as one vector: the model's dot products are then one reduction each."""
+  return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+
+
+def _unflat(vector: jax.Array, like: list) -> list:
+  """``vector`` split back into leaves shaped and typed like ``like``."""
+  sizes = [x.size for x in like]
+  parts = jnp.split(vector, list(itertools.accumulate(sizes))[:-1])
+  return [p.reshape(x.shape).astype(x.dtype) for p, x in zip(parts, like)]
+
+
+def _coefficients(model, params, direction, previous, g, gamma, like, treedef):
+  """``(alpha, mu)`` of the damped model, the undamped Gram matrix, and ``b`` (flat vectors)."""
+  vectors = [treedef.unflatten(_unflat(v, like)) for v in (direction, previous)]
   undamped = _quadratic.gram(model, params, vectors)
   dtype = undamped.dtype
-  dot = lambda xs, ys: sum(jnp.vdot(x.astype(dtype), y.astype(dtype)) for x, y in zip(xs, ys))
-  norms = jnp.array(
-    [[dot(direction, direction), dot(direction, previous)], [0.0, dot(previous, previous)]]
-  )
-  norms = norms.at[1, 0].set(norms[0, 1])
-  b = jnp.stack([dot(g, direction), dot(g, previous)])
+  u = jnp.stack([direction, previous]).astype(dtype)
+  norms = u @ u.T
+  b = u @ g.astype(dtype)
   damped = undamped + jnp.asarray(gamma, dtype) * norms
   x, _ = _quadratic.step_coefficients(damped, b)
   return x, undamped, b
@@ -79,18 +92,19 @@ def quadratic_step(out, grads, previous, params, model, gamma, treedef, value=No
   ``D = -out`` is the preconditioned direction (every parameter, fallback
   included). A non-finite ``D`` or gradient makes the whole step zero. With
   the loss ``value`` the step is never predicted to remove more than half of
-  it (:func:`bounded_by_loss`).
+  it (:func:`bounded_by_loss`). The arithmetic runs on the parameters as one
+  vector (at least float32).
   """
-  previous = treedef.flatten_up_to(previous)
-  direction = [-u for u in out]
-  finite = _finite.all_finite(*direction, *grads, *previous)
-  direction = [jnp.where(finite, d, 0) for d in direction]
-  previous = [jnp.where(finite, p, 0) for p in previous]
-  g = [jnp.where(finite, x, 0) for x in grads]
-  x, undamped, b = _coefficients(model, params, direction, previous, g, gamma, treedef)
+  dtype = functools.reduce(jnp.promote_types, [x.dtype for x in out], jnp.float32)
+  direction = -_flat(out, dtype)
+  previous = _flat(treedef.flatten_up_to(previous), dtype)
+  g = _flat(grads, dtype)
+  finite = _finite.all_finite(direction, previous, g)
+  direction, previous, g = (jnp.where(finite, v, 0) for v in (direction, previous, g))
+  x, undamped, b = _coefficients(model, params, direction, previous, g, gamma, out, treedef)
   x = jnp.where(finite, x, 0)
   x, predicted, shortened = bounded_by_loss(x, undamped, b, value)
-  delta = [(x[0] * d + x[1] * p).astype(u.dtype) for d, p, u in zip(direction, previous, out)]
+  delta = _unflat(x[0] * direction + x[1] * previous, out)
   param_leaves = treedef.flatten_up_to(params)
   probe = lambda: treedef.unflatten([(p + d).astype(p.dtype) for p, d in zip(param_leaves, delta)])
   out = [-d for d in delta]
@@ -115,8 +129,15 @@ def _step(inputs: StepInputs) -> Step:
     inputs.leaves.treedef,
     inputs.value,
   )
-  # One step over all parameters: a non-finite gradient or step skips it whole.
-  return step._replace(ok=_finite.all_finite(*grads, *step.out, step.coefficients))
+  # One step over all parameters: a non-finite gradient or step skips it whole (the step is
+  # zero where the direction, the previous step or the gradient was not finite).
+  return step._replace(ok=_finite.all_finite(step.coefficients) & _step_finite(step, grads))
+
+
+def _step_finite(step: Step, grads) -> jax.Array:
+  """Whether the gradient and the step's output are finite, as one reduction."""
+  leaves = [*grads, *step.out]
+  return _finite.all_finite(_flat(leaves, jnp.float32)) if leaves else jnp.ones([], bool)
 
 
 POLICY = StepPolicy(

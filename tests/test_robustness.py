@@ -330,3 +330,35 @@ def test_kernel_shape_must_split_into_the_stats_widths():
     update = lambda g, s, st, p=p: tx.update(g, s, p, layer_stats=st)
     updates, _ = jax.eval_shape(update, p, tx.init(p), stats)
     assert updates["layer"]["kernel"].shape == kernel
+
+
+# The exact powers of two that scale every right-hand side, built from their bits: the same
+# numbers as NumPy's ldexp and frexp wherever the result is a normal number.
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_powers_of_two_match_ldexp_and_frexp(dtype, request):
+  if dtype == "float64":
+    request.getfixturevalue("x64")
+  from cgfac_optax import _finite
+
+  info = np.finfo(dtype)
+  xs = np.array([1.0, -3.5, 1e-3, 7.25], dtype)
+  for e in range(-3 * (info.maxexp + 30), 3 * (info.maxexp + 30), 5):
+    got = np.asarray(_finite.times_pow2(jnp.asarray(xs), e))
+    with np.errstate(over="ignore"):
+      want = np.ldexp(xs, e).astype(dtype)
+    normal = np.isfinite(want) & (np.abs(want) >= info.smallest_normal)
+    np.testing.assert_array_equal(got[normal], want[normal])
+    assert np.all(np.isinf(got[np.isinf(want)]))
+  rng = np.random.default_rng(0)
+  extremes = [
+    0.0,
+    info.smallest_subnormal,
+    info.smallest_normal / 3,
+    info.smallest_normal,
+    info.max,
+  ]
+  values = np.concatenate([extremes, 10.0 ** rng.uniform(-30, 30, 200)]).astype(dtype)
+  got = [int(_finite.exponent_of(jnp.asarray(v))) for v in values]
+  assert got == [int(np.frexp(v)[1]) for v in values]
