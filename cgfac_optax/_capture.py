@@ -113,13 +113,29 @@ class Model(NamedTuple):
 
 
 def check_curvature_batch_size(value) -> None:
-  """Raises unless ``value`` is ``None`` or a positive int."""
+  """Raises unless ``value`` is ``None``, a positive int, or a float in ``(0, 1]``."""
   if value is None:
     return
-  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    ok = False
+  elif isinstance(value, numbers.Integral):
+    ok = value >= 1
+  else:
+    ok = 0 < value <= 1
+  if not ok:
     raise ValueError(
-      f"curvature_batch_size must be None or a positive int (a number of examples), got {value!r}"
+      "curvature_batch_size must be None, a positive int (a number of examples) or a float "
+      f"in (0, 1] (a fraction of the batch), got {value!r}"
     )
+
+
+def curvature_rows(curvature_batch_size, examples: int) -> int:
+  """How many of a batch's ``examples`` feed the curvature (at least one)."""
+  if curvature_batch_size is None:
+    return examples
+  if isinstance(curvature_batch_size, numbers.Integral):
+    return min(int(curvature_batch_size), examples)
+  return max(1, min(examples, round(curvature_batch_size * examples)))
 
 
 def head(tree: Any, rows: int) -> Any:
@@ -278,12 +294,13 @@ def value_grad_and_extra(
   loss: str,
   fisher: str,
   weights: jax.Array | None = None,
-  curvature_batch_size: int | None = DEFAULT_CURVATURE_BATCH_SIZE,
+  curvature_batch_size: int | float | None = DEFAULT_CURVATURE_BATCH_SIZE,
 ) -> tuple[jax.Array, Any, dict, Any]:
   """``(loss, grads, extra, aux)`` of ``model`` on one batch (see the module docstring).
 
-  ``aux`` is the model's state after the loss pass. ``curvature_batch_size=None``
-  uses every example for the curvature; a batch smaller than it uses all of its.
+  ``aux`` is the model's state after the loss pass. ``curvature_batch_size``: the
+  first this-many examples feed the curvature (a batch smaller than it uses all of
+  its), or, as a float in ``(0, 1]``, that fraction of the batch; ``None`` for all.
   """
   kind = _losses.get_loss(loss)
   _losses.check_fisher(fisher)
@@ -298,7 +315,7 @@ def value_grad_and_extra(
     return mean_loss(kind, outputs, targets, weights), aux
 
   (loss_value, aux), grads = jax.value_and_grad(value, has_aux=True)(params)
-  rows = examples if curvature_batch_size is None else min(curvature_batch_size, examples)
+  rows = curvature_rows(curvature_batch_size, examples)
   data = _Curvature(
     head(inputs, rows),
     targets[:rows],

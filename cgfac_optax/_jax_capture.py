@@ -85,7 +85,7 @@ def value_grad_and_extra(
   *,
   loss: str = "softmax_cross_entropy",
   fisher: str = "sampled",
-  curvature_batch_size: int | None = DEFAULT_CURVATURE_BATCH_SIZE,
+  curvature_batch_size: int | float | None = DEFAULT_CURVATURE_BATCH_SIZE,
 ) -> Callable[..., tuple[jax.Array, Any, dict]]:
   r"""The loss, the gradients and ``extra``, everything ``tx.update`` reads, of a JAX function.
 
@@ -138,7 +138,8 @@ def value_grad_and_extra(
       ``"squared_error"``.
     fisher: ``"sampled"`` (the true Fisher, as in K-FAC) or ``"empirical"``.
     curvature_batch_size: how many of the batch's first examples feed the
-      curvature; ``None`` for all.
+      curvature: an int, a fraction of the batch (a float in ``(0, 1]``), or
+      ``None`` for all.
 
   Returns:
     ``fn(params, inputs, targets, rng=None, *, weights=None, **kwargs) ->

@@ -254,9 +254,21 @@ def test_bad_values(x64):
   model, (x, t) = MLP(), batch()
   key = jax.random.key(3)
   nnx_model = NNXMLP(nnx.Rngs(0))
-  for bad in (0, -2, 2.0, True, "3"):
-    message = "curvature_batch_size must be None or a positive int.*" + re.escape(f"got {bad!r}")
+  for bad in (0, -2, 2.0, 0.0, True, "3"):
+    message = "curvature_batch_size must be None, a positive int.*" + re.escape(f"got {bad!r}")
     with pytest.raises(ValueError, match=message):
       cflax.value_grad_and_extra(model, curvature_batch_size=bad)
     with pytest.raises(ValueError, match=message):
       cflax.nnx_value_grad_and_extra(nnx_model, x, t, key, curvature_batch_size=bad)
+
+
+def test_a_fraction_of_the_batch(x64):
+  """A float is a fraction of the batch (rounded, at least one example): 0.5 of 8 is 4."""
+  model, (x, t) = MLP(), batch()
+  key = jax.random.key(3)
+  params = model.init(jax.random.key(0), x)["params"]
+  half = cflax.value_grad_and_extra(model, curvature_batch_size=0.5)(params, x, t, key)[2]
+  four = cflax.value_grad_and_extra(model, curvature_batch_size=4)(params, x, t, key)[2]
+  close(half["layer_stats"](), four["layer_stats"]())
+  tiny = cflax.value_grad_and_extra(model, curvature_batch_size=0.01)(params, x, t, key)[2]
+  assert jax.tree.leaves(tiny["layer_stats"]())[0].shape[0] == 1

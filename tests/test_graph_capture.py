@@ -408,7 +408,7 @@ def test_argument_errors():
     cgfac.value_grad_and_extra("model")
   with pytest.raises(ValueError, match="loss must be one of"):
     cgfac.value_grad_and_extra(mlp, loss="hinge")
-  with pytest.raises(ValueError, match="curvature_batch_size must be None or a positive int"):
+  with pytest.raises(ValueError, match="curvature_batch_size must be None, a positive int"):
     cgfac.value_grad_and_extra(mlp, curvature_batch_size=0)
   fn = cgfac.value_grad_and_extra(lambda p, x: x * p["kernel"])
   with pytest.raises(ValueError, match="inputs must be an array or a pytree of arrays whose"):

@@ -108,7 +108,7 @@ def value_grad_and_extra(
   *,
   loss: str = "softmax_cross_entropy",
   fisher: str = "sampled",
-  curvature_batch_size: int | None = DEFAULT_CURVATURE_BATCH_SIZE,
+  curvature_batch_size: int | float | None = DEFAULT_CURVATURE_BATCH_SIZE,
 ) -> Callable[..., tuple[jax.Array, Any, dict]]:
   r"""The loss, the gradients and ``extra``, everything ``tx.update`` reads, of a Linen model.
 
@@ -161,8 +161,9 @@ def value_grad_and_extra(
       ``"squared_error"``.
     fisher: ``"sampled"`` (the true Fisher, as in K-FAC) or ``"empirical"``.
     curvature_batch_size: how many of the batch's first examples feed the
-      curvature (the stats and the quadratic model); ``None`` for all. A batch
-      smaller than it uses all its examples.
+      curvature (the stats and the quadratic model): an int (a batch smaller
+      than it uses all its examples), a float in ``(0, 1]`` (that fraction of
+      the batch, as scikit-learn's ``test_size``), or ``None`` for all.
 
   Returns:
     ``fn(params, inputs, targets, rng=None, *, collections=None, mutable=None,

@@ -156,7 +156,7 @@ def nnx_value_grad_and_extra(
   loss: str = "softmax_cross_entropy",
   fisher: str = "sampled",
   weights: jax.Array | None = None,
-  curvature_batch_size: int | None = DEFAULT_CURVATURE_BATCH_SIZE,
+  curvature_batch_size: int | float | None = DEFAULT_CURVATURE_BATCH_SIZE,
   **call_kwargs,
 ) -> tuple[jax.Array, nnx.State, dict]:
   """The loss, the gradients and ``extra``, everything ``tx.update`` reads, of an NNX model.
@@ -181,7 +181,8 @@ def nnx_value_grad_and_extra(
     fisher: ``"sampled"`` (true Fisher) or ``"empirical"``.
     weights: optional per-example weights ``(examples,)``.
     curvature_batch_size: how many of the batch's first examples feed the
-      curvature; ``None`` for all.
+      curvature: an int, a fraction of the batch (a float in ``(0, 1]``), or
+      ``None`` for all.
     **call_kwargs: further arguments of the model's ``__call__`` (``train=True``,
       ``rngs=nnx.Rngs(dropout=key)``), the same in every pass.
 
