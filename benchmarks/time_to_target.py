@@ -82,6 +82,8 @@ def run_optimizer(task: T.Task, name: str, args) -> dict:
       + (" (diverged)" if r["diverged"] else ""),
       flush=True,
     )
+  if "blocks" in out["runs"][0]:  # what kfac-jax's graph matcher made of the model
+    print(f"  kfac_jax curvature blocks: {H.brief(out['runs'][0]['blocks'])}", flush=True)
   return out
 
 
@@ -93,13 +95,24 @@ def grid_for(name, task):
   return kfac_jax_runner.grid(task) if name == "kfac_jax" else O.grid_for(name, task)
 
 
+def settings_cell(name: str, settings: dict) -> str:
+  if name == "kfac_jax":  # its example's dozen options: only those a tuning changed
+    changed = {k: v for k, v in settings.items() if kfac_jax_runner.SETTINGS.get(k) != v}
+    return "its example's" + (f", {H.brief(changed)}" if changed else "")
+  return H.brief(settings)
+
+
 def run_task(name: str, args) -> dict:
   task = T.make(name, args.tiny)
-  names = [n for n in args.optimizers if n != "kfac_jax" or kfac_jax_runner.supports(name, args)]
+  skipped = {}
+  if "kfac_jax" in args.optimizers and (reason := kfac_jax_runner.skip_reason(name, args)):
+    skipped["kfac_jax"] = reason
+    print(f"kfac_jax SKIPPED on {name}: {reason}", flush=True)
+  names = [n for n in args.optimizers if n not in skipped]
   print(f"\n## {task.description}: batch {task.batch_size}; {', '.join(names)}", flush=True)
   results = {n: run_optimizer(task, n, args) for n in names}
   summary = H.summarize(results, args.budget)
-  settings = {n: H.brief(r["settings"]) for n, r in results.items()}
+  settings = {n: settings_cell(n, r["settings"]) for n, r in results.items()}
   metrics = [m for m in ("loss", "accuracy") if f"best_{m}" in next(iter(summary.values()))]
   tables = {m: H.table(summary, settings, args.budget, m) for m in metrics}
   return {
@@ -110,6 +123,7 @@ def run_task(name: str, args) -> dict:
     "optimizers": results,
     "summary": summary,
     "tables": tables,
+    "skipped": skipped,
   }
 
 
@@ -127,7 +141,7 @@ def parse_args(argv=None):
   parser.add_argument("--evals", type=int, default=40, help="evenly spaced evaluations per run")
   parser.add_argument("--max-steps", type=int, default=10**9)
   kfac_jax_runner.add_arguments(parser)
-  parser.add_argument("--out", type=Path, default=None, help="default results/<task>/")
+  parser.add_argument("--out", type=Path, default=H.RESULTS, help="writes <out>/<task>/")
   parser.add_argument("--tiny", action="store_true", help="tiny data and models, seconds-long")
   args = parser.parse_args(argv)
   if args.tiny:
@@ -146,7 +160,7 @@ def main(argv=None) -> dict:
   for name in args.tasks:
     results[name] = run_task(name, args)
     info["load_average_end"] = H.load_average()
-    out = args.out or H.RESULTS / name
+    out = args.out / name
     payload = {"environment": info, "settings": _plain(vars(args)), "task": results[name]}
     path = H.write_json("time_to_target", payload, out)
     png = H.plot_curves(
