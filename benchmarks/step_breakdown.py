@@ -59,8 +59,9 @@ def variants(task: T.Task) -> dict[str, tuple[str, dict]]:
   """``{variant: (optimizer, settings)}``; the fixed-rate one with ``cgfac()``'s solvers."""
   params, state = task.init(0)
   x, y = (np.asarray(a[: task.batch_size]) for a in task.data[:2])
-  extra = O.value_grad_and_extra(task)(params, state, x, y, jax.random.key(0))[2]
-  solvers = cgfac_optax.plan(params, extra["layer_stats"]).solvers()
+  helper = O.value_grad_and_extra(task)
+  stats = jax.eval_shape(lambda: helper(params, state, x, y, jax.random.key(0))[2]["layer_stats"]())
+  solvers = cgfac_optax.plan(params, stats).solvers()
   return {
     "adam": ("adam", O.settings_for("adam", task.name)),
     "cgfac": ("cgfac", {}),
@@ -140,8 +141,6 @@ def time_parts(task: T.Task, reps: int, calls: int) -> dict:
   x, y = (np.asarray(a[: task.batch_size]) for a in task.data[:2])
   key = jax.random.key(0)
   helper = O.value_grad_and_extra(task)
-  extra = helper(params, state, x, y, key)[2]
-  model = extra["curvature_model"]
   keys = jax.random.split(jax.random.key(1), 2)
   u, v = (jax.tree.map(lambda a, k=k: 1e-2 * jax.random.normal(k, a.shape), params) for k in keys)
 
@@ -152,14 +151,16 @@ def time_parts(task: T.Task, reps: int, calls: int) -> dict:
   def stats_pass(params, state, x, y, key):
     return helper(params, state, x, y, key)[2]["layer_stats"]()
 
-  def quadratic_model(params, u, v):
+  def quadratic_model(params, state, x, y, key, u, v):
+    # Only the curvature model's outputs reach the result: XLA drops the rest of the helper.
+    model = helper(params, state, x, y, key)[2]["curvature_model"]
     outputs, jvp = jax.linearize(model.outputs_fn, params)
     return outputs, jvp(u), jvp(v)
 
   parts = {
     "loss_pass": (loss_pass, (params, state, x, y)),
     "stats_pass": (stats_pass, (params, state, x, y, key)),
-    "quadratic_model": (quadratic_model, (params, u, v)),
+    "quadratic_model": (quadratic_model, (params, state, x, y, key, u, v)),
   }
   compiled = {n: ahead_of_time(jax.jit(f), *args)[0] for n, (f, args) in parts.items()}
   times = interleaved({n: lambda n=n: compiled[n](*parts[n][1]) for n in parts}, reps, calls)
@@ -186,20 +187,23 @@ def main(argv=None) -> dict:
     chosen = variants(task)
     steps = time_steps(task, chosen, args.reps, args.steps)
     parts = time_parts(task, args.reps, args.steps)
-    results[name] = {
-      "description": task.description,
-      "variants": {n: {"optimizer": o, "settings": s} for n, (o, s) in chosen.items()},
-      "steps": steps,
-      "parts": parts,
-    }
     rows = [
       [n, 1e3 * s["step_s"], s["ratio_to_adam"], s["gflop"], s["compile_s"]]
       for n, s in steps.items()
     ]
-    print(f"\n{task.description}, batch {task.batch_size}\n")
-    print(H.format_table(["step", "ms", "x Adam", "GFLOP", "compile s"], rows))
+    tables = {"steps": H.format_table(["step", "ms", "x Adam", "GFLOP", "compile s"], rows)}
     rows = [[n, 1e3 * p["call_s"], p["gflop"]] for n, p in parts.items()]
-    print("\n" + H.format_table(["part", "ms", "GFLOP"], rows))
+    tables["parts"] = H.format_table(["part", "ms", "GFLOP"], rows)
+    results[name] = {
+      "description": task.description,
+      "batch_size": task.batch_size,
+      "variants": {n: {"optimizer": o, "settings": s} for n, (o, s) in chosen.items()},
+      "steps": steps,
+      "parts": parts,
+      "tables": tables,
+    }
+    print(f"\n{task.description}, batch {task.batch_size}\n")
+    print(tables["steps"] + "\n\n" + tables["parts"], flush=True)
   info["load_average_end"] = H.load_average()
   print(f"\nload average {info['load_average']} -> {info['load_average_end']}")
   path = H.write_json("step_breakdown", {"environment": info, "tasks": results}, args.out)
