@@ -9,7 +9,8 @@ fsdp``), in a fresh process with 1 device and in one with N simulated devices
 and the collectives of the compiled N-device step read from its HLO (``hlo_collectives.py``):
 once per step, and per CG iteration (those inside the ``while`` loop), each beside what
 ``cgfac_optax.plan(..., data_shards=N)`` predicts (per step: the gradients' all-reduce plus
-the solver's exchange without iterations; per iteration: one iteration's more).
+the solver's exchange without iterations, not the few scalars the step also reduces, such as
+its mean loss; per iteration: one iteration's more).
 
 Simulated devices share this machine's cores and "communicate" through memory: the N-device
 time shows the overhead of the partitioned program, not a speed-up. Both processes run with
@@ -241,8 +242,13 @@ def main(argv=None) -> dict:
     "speed-up measurement. Collectives: count and KiB of their results per device, from the "
     "compiled HLO; (model): cgfac_optax.plan's bytes."
   )
-  settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-  payload = {"environment": info, "settings": settings, "one": one, "many": many, "table": printed}
+  payload = {
+    "environment": info,
+    "settings": vars(args),
+    "one": one,
+    "many": many,
+    "table": printed,
+  }
   path = H.write_json("data_parallel", payload, args.out)
   png = plot(args, one, many, Path(args.out) / "data_parallel.png")
   print(f"wrote {path} and {png}")

@@ -124,6 +124,19 @@ def run_cell(solver: str, sweep: str, rows: int, d_out: int, args, rate: float, 
   return entry
 
 
+def run_sweeps(args, rate: float, free: float) -> list[dict]:
+  """Every cell of both sweeps per solver; a cell in both (same rows and width) is run once."""
+  results, done = [], {}
+  for sweep, rows, d_out in sweep_cells(args):
+    for solver in args.solvers:
+      key = (solver, rows, d_out)
+      if key not in done:
+        done[key] = run_cell(solver, sweep, rows, d_out, args, rate, free)
+      results.append({**done[key], "sweep": sweep})
+    print(f"  {sweep} sweep: {rows} rows, d_out {d_out} done", flush=True)
+  return results
+
+
 def size(n: float) -> str:
   return f"{n / 2**20:.3g} MiB" if n >= 2**20 else f"{n / 2**10:.3g} KiB"
 
@@ -189,24 +202,20 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", type=Path, default=H.RESULTS / "scaling")
   parser.add_argument("--tiny", action="store_true", help="one cell per sweep, seconds long")
   args = parser.parse_args(argv)
-  if args.tiny:  # d_out above d_in in one cell and below it in the other: both sides' branches
-    args.d_in, args.widths, args.width_rows, args.rows, args.rows_width = 16, [24], 8, [8], 12
+  if args.tiny:  # one cell, in both sweeps
+    args.d_in, args.widths, args.width_rows, args.rows, args.rows_width = 16, [24], 8, [8], 24
     args.reps, args.max_seconds = 1, 5.0
   info = H.environment(cgfac_optax=cgfac_optax)
   H.print_environment(info)
   rate, free = matmul_rate(), available_bytes()
   print(f"matmul {rate / 1e9:.1f} GFLOP/s; memory cap {free / 2**30:.1f} GiB", flush=True)
-  results = []
-  for sweep, rows, d_out in sweep_cells(args):
-    for solver in args.solvers:
-      results.append(run_cell(solver, sweep, rows, d_out, args, rate, free))
-    print(f"  {sweep} sweep: {rows} rows, d_out {d_out} done", flush=True)
+  results = run_sweeps(args, rate, free)
   printed = tables(results, args)
   for t in printed:
     print("\n" + t)
   payload = {
     "environment": info,
-    "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    "settings": vars(args),
     "matmul_flops_per_s": rate,
     "memory_cap_bytes": free,
     "cpu_count": os.cpu_count(),

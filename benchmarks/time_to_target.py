@@ -7,7 +7,10 @@ runs each of its three ``GRIDS`` settings (``optimizers.py``) on the first seed 
 ``--tune-budget`` seconds and keeps the one with the lowest final evaluation loss: the same
 budget for all. The tables give each optimizer's best evaluation loss (median over seeds),
 its step time, and the fraction of the budget it needs to reach each peer's best; the
-classification tasks add the same for the test accuracy. Tasks: ``tasks.py``.
+classification tasks add the same for the test accuracy. Tasks: ``tasks.py``. kfac-jax
+trains in its own venv (``kfac_jax_runner.py``) on the tasks its worker supports; a task it
+skips says why, in the output and in the JSON's ``skipped``. Each task's JSON and PNG go to
+``<--out>/<task>/time_to_target.{json,png}``.
 
   python benchmarks/time_to_target.py --tasks resnet --tune   # ~45 min per task on 2 cores
   python benchmarks/time_to_target.py --tiny                  # a seconds-long check
@@ -161,7 +164,7 @@ def main(argv=None) -> dict:
     results[name] = run_task(name, args)
     info["load_average_end"] = H.load_average()
     out = args.out / name
-    payload = {"environment": info, "settings": _plain(vars(args)), "task": results[name]}
+    payload = {"environment": info, "settings": vars(args), "task": results[name]}
     path = H.write_json("time_to_target", payload, out)
     png = H.plot_curves(
       {name: results[name]}, args.budget, Path(out) / "time_to_target.png", _x(info)
@@ -176,10 +179,6 @@ def main(argv=None) -> dict:
 
 def _x(info: dict) -> str:
   return f"seconds after compilation ({info['device']}, {info['cpu_count']} cores)"
-
-
-def _plain(d: dict) -> dict:
-  return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 if __name__ == "__main__":
