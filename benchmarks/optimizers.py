@@ -3,7 +3,7 @@
 Each optimizer is an optax transformation built from a settings dict; ``SETTINGS`` gives the
 setting each runs with by default, per task, and ``GRIDS`` the three settings a tuning run
 tries (the same budget for every optimizer). CG-FAC is ``cgfac_optax.cgfac(**settings)``:
-with ``{}`` it is the library's defaults. kfac-jax runs in its own venv (``kfac_jax.py``).
+with ``{}`` it is the library's defaults. kfac-jax runs in its own venv (``kfac_jax_runner.py``).
 
 :func:`make_run` turns a task and a transformation into what the harness times: a first-order
 optimizer takes ``jax.value_and_grad`` of the task's loss; CG-FAC takes the loss, gradients
