@@ -8,13 +8,14 @@ compilation cache (``--cache``) mostly does not compile again:
    benchmark settings, one seed, ``--budget`` seconds of step time each (kfac-jax is left
    out: its venv has a CPU-only JAX, which would not be a like comparison);
 2. ``step_breakdown.py`` on every task: Adam's step against ``cgfac()``'s and its variants,
-   and the parts of a step.
+   and the parts of a step; on the autoencoder also ``--arithmetic``: each ``precision``
+   (TF32 or float32 products), bfloat16 curvature and each ``cg_skip`` (not under ``--tiny``).
 
 It prints the device first and writes ``<task>/time_to_target.json``,
-``step_breakdown/step_breakdown.json`` and ``gpu.json`` (the device, the settings and every
-table) to ``--out``: ``$OUT`` when set, else ``benchmarks/results/gpu/``. Without a GPU it runs
-on the CPU and says so; ``--tiny`` is the seconds-long check of the same code on tiny tasks,
-which needs no GPU.
+``step_breakdown/step_breakdown.json``, ``step_breakdown_arithmetic/step_breakdown.json`` and
+``gpu.json`` (the device, the settings and every table) to ``--out``: ``$OUT`` when set, else
+``benchmarks/results/gpu/``. Without a GPU it runs on the CPU and says so; ``--tiny`` is the
+seconds-long check of the same code on tiny tasks, which needs no GPU.
 
 Run: ``python benchmarks/gpu.py`` (``--tiny --tasks autoencoder`` for a quick check).
 """
@@ -65,6 +66,12 @@ def main(argv=None) -> dict:
     [*tiny, "--tasks", *args.tasks, "--out", str(args.out / "step_breakdown")]
     + ([] if args.tiny else ["--reps", "3", "--steps", "10"])
   )
+  if not args.tiny:
+    arithmetic = step_breakdown.main(
+      ["--tasks", "autoencoder", "--arithmetic", "--reps", "3", "--steps", "10"]
+      + ["--out", str(args.out / "step_breakdown_arithmetic")]
+    )
+    breakdown["autoencoder (arithmetic)"] = arithmetic["autoencoder"]
   seconds["total"] = time.perf_counter() - start
   print(f"\ndevice: {info['device']}; side by side {seconds['side_by_side']:.0f} s, ", end="")
   print(f"total {seconds['total']:.0f} s")

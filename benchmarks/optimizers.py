@@ -12,6 +12,7 @@ and ``extra`` from the library's helper for the task's framework (plain JAX, Lin
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -124,6 +125,19 @@ def solver_names() -> list[str]:
   shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   stats = {"w": cgfac_optax.DenseStats(shape(2, 2), shape(2, 2))}
   return list(cgfac_optax.plan({"w": {"kernel": shape(2, 2)}}, stats)["w"].flops)
+
+
+def cgfac_plan(task: T.Task, **options) -> cgfac_optax.Plan:
+  """``cgfac_optax.plan`` for ``cgfac(**options)`` on ``task`` at its batch: from shapes alone.
+
+  ``options`` that the planner does not take (the damping, ``curvature_every``) are ignored.
+  """
+  params, state = task.init(0)
+  x, y = (a[: task.batch_size] for a in task.data[:2])
+  helper = value_grad_and_extra(task)
+  stats = jax.eval_shape(lambda: helper(params, state, x, y, jax.random.key(0))[2]["layer_stats"]())
+  known = inspect.signature(cgfac_optax.plan).parameters
+  return cgfac_optax.plan(params, stats, **{k: v for k, v in options.items() if k in known})
 
 
 def _first_order(task: T.Task, tx):

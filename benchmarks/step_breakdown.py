@@ -18,7 +18,8 @@ and the parts of one step on one batch: ``loss_pass`` (the loss and gradients, w
 computes), ``stats_pass`` (the curvature statistics: one forward pass of the curvature
 examples and one backward pass to the layer outputs), ``quadratic_model`` (the exact Fisher's
 Gram of two directions: ``jax.linearize`` of the curvature model and two Jacobian-vector
-products).
+products). ``--arithmetic`` adds ``cgfac()`` at each ``precision`` (``"highest"``,
+``"default"``: TF32 on a GPU), with ``curvature_dtype="bfloat16"``, and with each ``cg_skip``.
 
 Each call's flops are XLA's count for its compiled program (``Compiled.cost_analysis()``),
 which counts a loop's body once, a conditional's costlier branch (so an amortized step counts
@@ -55,19 +56,28 @@ CGFAC_RESOLVED = {
 }
 
 
-def variants(task: T.Task) -> dict[str, tuple[str, dict]]:
+# With --arithmetic: cgfac() with each arithmetic option set (one of each pair is the
+# platform's default, so each pair compares the platform's choice with the other).
+ARITHMETIC = {
+  "precision_highest": {"precision": "highest"},
+  "precision_default": {"precision": "default"},
+  "bfloat16_curvature": {"curvature_dtype": "bfloat16"},
+  "cg_skip_mask": {"cg_skip": "mask"},
+  "cg_skip_cond": {"cg_skip": "cond"},
+}
+
+
+def variants(task: T.Task, arithmetic: bool = False) -> dict[str, tuple[str, dict]]:
   """``{variant: (optimizer, settings)}``; the fixed-rate one with ``cgfac()``'s solvers."""
-  params, state = task.init(0)
-  x, y = (np.asarray(a[: task.batch_size]) for a in task.data[:2])
-  helper = O.value_grad_and_extra(task)
-  stats = jax.eval_shape(lambda: helper(params, state, x, y, jax.random.key(0))[2]["layer_stats"]())
-  solvers = cgfac_optax.plan(params, stats).solvers()
-  return {
+  solvers = O.cgfac_plan(task).solvers()
+  chosen = {
     "adam": ("adam", O.settings_for("adam", task.name)),
     "cgfac": ("cgfac", {}),
     "every_step": ("cgfac", {"curvature_every": 1}),
     "fixed_rate": ("cgfac", {"learning_rate": 1e-3, "solver": solvers, **CGFAC_RESOLVED}),
   }
+  extra = ARITHMETIC if arithmetic else {}
+  return chosen | {name: ("cgfac", settings) for name, settings in extra.items()}
 
 
 def interleaved(calls: dict, reps: int, n: int) -> dict[str, list[float]]:
@@ -175,6 +185,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--steps", type=int, default=20, help="consecutive steps per repetition")
   parser.add_argument("--out", type=Path, default=H.RESULTS / "step_breakdown")
+  parser.add_argument("--arithmetic", action="store_true", help="add the ARITHMETIC variants")
   parser.add_argument("--tiny", action="store_true")
   args = parser.parse_args(argv)
   if args.tiny:
@@ -184,7 +195,7 @@ def main(argv=None) -> dict:
   results = {}
   for name in args.tasks:
     task = T.make(name, args.tiny)
-    chosen = variants(task)
+    chosen = variants(task, args.arithmetic)
     steps = time_steps(task, chosen, args.reps, args.steps)
     parts = time_parts(task, args.reps, args.steps)
     rows = [

@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 
 import harness as H
+import jax
 import kfac_jax_runner
 import optax
 import optimizers as O
@@ -118,6 +119,7 @@ def run_task(name: str, args) -> dict:
   settings = {n: settings_cell(n, r["settings"]) for n, r in results.items()}
   metrics = [m for m in ("loss", "accuracy") if f"best_{m}" in next(iter(summary.values()))]
   tables = {m: H.table(summary, settings, args.budget, m) for m in metrics}
+  plan = capture(task, results["cgfac"]["settings"]) if "cgfac" in results else None
   return {
     "description": task.description,
     "loss": task.loss,
@@ -127,6 +129,24 @@ def run_task(name: str, args) -> dict:
     "summary": summary,
     "tables": tables,
     "skipped": skipped,
+    "cgfac_plan": plan,
+  }
+
+
+def capture(task: T.Task, settings: dict) -> dict:
+  """What CG-FAC runs on each layer (``cgfac_optax.plan``) and which parameters it leaves to
+  its fallback, printed and as a record."""
+  import numpy as np
+
+  plan = O.cgfac_plan(task, **settings)
+  print(f"\nCG-FAC ({H.brief(settings)}) on each layer:\n{plan}", flush=True)
+  params = task.init(0)[0]
+  total = sum(int(np.size(p)) for p in jax.tree.leaves(params))
+  fallback = sum(int(np.prod(f.shape)) for f in plan.fallback)
+  return {
+    "layers": {path: layer.solver for path, layer in plan.items()},
+    "fallback": [f.path for f in plan.fallback],
+    "parameters": {"layers": total - fallback, "fallback": fallback},
   }
 
 

@@ -85,6 +85,11 @@ def test_gpu_script_tiny_runs_the_side_by_side_and_the_step_breakdown(tmp_path, 
   assert not any(r["diverged"] for o in task["optimizers"].values() for r in o["runs"])
   assert (tmp_path / "autoencoder" / "time_to_target.png").stat().st_size > 0
   assert gpu["time_to_target"]["autoencoder"] == task["tables"]
+  assert task["cgfac_plan"] == {
+    "layers": {f"Dense_{i}": "pcg" for i in range(4)},  # "auto_memory": pcg where it fits
+    "fallback": [],
+    "parameters": {"layers": 65 * 16 + 17 * 4 + 5 * 16 + 17 * 64, "fallback": 0},
+  }
 
   breakdown = load(tmp_path / "step_breakdown" / "step_breakdown.json")["tasks"]["autoencoder"]
   steps, parts = breakdown["steps"], breakdown["parts"]
@@ -128,6 +133,50 @@ def test_time_to_target_tiny_on_linen_and_nnx_tasks(tmp_path):
     check_side_by_side(record["task"], {"adam", "muon"}, ("loss", "accuracy"))
     for o in record["task"]["optimizers"].values():
       assert all(0 <= a <= 1 for a in o["runs"][0]["curve"]["accuracy"])
+
+
+@pytest.mark.parametrize(
+  "name, fallback",
+  [
+    ("resnet", {"BatchNorm_0/scale", "BasicBlock_0/BatchNorm_1/bias"}),  # 3 BatchNorms: 6 arrays
+    ("transformer", {"embed/embedding", "position", "norm/scale", "blocks/0/norm1/bias"}),
+  ],
+)
+def test_the_side_by_side_records_what_cgfac_captures(name, fallback):
+  import jax
+  import tasks
+  import time_to_target
+
+  task = tasks.make(name, tiny=True)
+  record = time_to_target.capture(task, {})
+  assert fallback <= set(record["fallback"]) and not set(record["layers"]) & fallback
+  assert len(record["fallback"]) == {"resnet": 6, "transformer": 8}[name]
+  total = sum(leaf.size for leaf in jax.tree.leaves(task.init(0)[0]))
+  assert sum(record["parameters"].values()) == total
+
+
+def test_step_breakdown_arithmetic_variants_step_the_autoencoder():
+  # Traced, not compiled: each --arithmetic variant builds and its whole step has the shapes
+  # of the plain cgfac() step's.
+  import jax
+  import optimizers
+  import step_breakdown
+  import tasks
+
+  task = tasks.make("autoencoder", tiny=True)
+  chosen = step_breakdown.variants(task, arithmetic=True)
+  assert set(chosen) == {"adam", "cgfac", "every_step", "fixed_rate", *step_breakdown.ARITHMETIC}
+  params, state = task.init(0)
+  x, y = (a[: task.batch_size] for a in task.data[:2])
+  shapes = None
+  for name in step_breakdown.ARITHMETIC:
+    optimizer, settings = chosen[name]
+    tx = optimizers.FACTORIES[optimizer](**settings)
+    update = optimizers.update_fn(task, tx, uses_curvature=True)
+    out = jax.eval_shape(update, params, state, tx.init(params), x, y, jax.random.key(0))
+    got = jax.tree.map(lambda a: (a.shape, a.dtype), (out[0], out[3]))
+    assert shapes in (None, got), name
+    shapes = got
 
 
 @pytest.mark.parametrize("name", ["resnet", "transformer"])
