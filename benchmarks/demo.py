@@ -105,7 +105,8 @@ def main(argv=None) -> dict:
   print("\ngot: CG-FAC reached " + ", ".join(got))
   curves = {"demo": {"optimizers": results, "loss": task.loss}}
   png = H.plot_curves(curves, args.seconds, args.out / "demo.png", "seconds after compilation")
-  payload = {"environment": info, "task": task.description, "summary": summary, "runs": results}
+  payload = {"environment": info, "settings": vars(args), "task": task.description}
+  payload.update(summary=summary, runs=results)
   path = H.write_json("demo", payload, args.out)
   print(f"wrote {png} and {path}")
   return summary

@@ -217,7 +217,8 @@ def main(argv=None) -> dict:
     print(tables["steps"] + "\n\n" + tables["parts"], flush=True)
   info["load_average_end"] = H.load_average()
   print(f"\nload average {info['load_average']} -> {info['load_average_end']}")
-  path = H.write_json("step_breakdown", {"environment": info, "tasks": results}, args.out)
+  payload = {"environment": info, "settings": vars(args), "tasks": results}
+  path = H.write_json("step_breakdown", payload, args.out)
   print(f"wrote {path}")
   return results
 
