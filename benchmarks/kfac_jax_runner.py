@@ -3,8 +3,8 @@
 kfac-jax 0.0.8 needs an older JAX (``jax<0.9``) than this project, so it runs in its own
 virtual environment (``.kfac-venv/`` at the repository root, made on first use unless
 ``--no-create``) in a subprocess (``_kfac_jax_worker.py``) that builds the same task from
-``tasks.py``, starts from the same initial parameters (passed in a file), draws the same
-batches and is timed by the same loop (``harness.py``).
+``tasks.py`` on the same arrays, starts from the same initial parameters (both passed in a
+file), draws the same batches and is timed by the same loop (``harness.py``).
 """
 
 from __future__ import annotations
@@ -63,21 +63,22 @@ def venv_ready(venv: Path) -> bool:
   return venv_python(venv).exists() and subprocess.run(check, capture_output=True).returncode == 0
 
 
-def supports(task: str, args) -> bool:
-  """Whether kfac-jax runs on ``task`` here (making its venv first unless told not to)."""
+def skip_reason(task: str, args) -> str | None:
+  """Why kfac-jax cannot run on ``task`` here, or ``None`` (making its venv first if allowed)."""
   if task not in TASKS:
-    print(f"kfac_jax SKIPPED on {task}: its worker runs {TASKS} only", flush=True)
-    return False
+    return (
+      f"its worker runs {', '.join(TASKS)} only: the {task} task builds its NNX model with "
+      "nnx.as_pure, which the Flax that installs beside kfac-jax's JAX (<0.9) lacks"
+    )
   if venv_ready(args.kfac_venv):
-    return True
+    return None
   if args.tiny or args.no_create:
-    print(f"kfac_jax SKIPPED: no kfac-jax venv at {args.kfac_venv} (--tiny/--no-create)")
-    return False
+    return f"no kfac-jax venv at {args.kfac_venv} (--tiny and --no-create never make one)"
   print(f"creating {args.kfac_venv} with {' '.join(REQUIREMENTS)} (once)", flush=True)
   subprocess.run([sys.executable, "-m", "venv", str(args.kfac_venv)], check=True)
   pip = [str(venv_python(args.kfac_venv)), "-m", "pip", "install", "--quiet"]
   subprocess.run([*pip, *REQUIREMENTS], check=True)
-  return True
+  return None
 
 
 def run(task: str, tiny: bool, settings_list, seeds, budget: float, args) -> list[dict]:
@@ -85,7 +86,7 @@ def run(task: str, tiny: bool, settings_list, seeds, budget: float, args) -> lis
   built = T.make(task, tiny)
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
-    arrays = {}
+    arrays = {f"data/{k}": v for k, v in built.data._asdict().items() if k != "source"}
     for seed in seeds:
       params, state = built.init(seed)
       for prefix, tree in (("params", params), ("state", state)):
@@ -95,6 +96,7 @@ def run(task: str, tiny: bool, settings_list, seeds, budget: float, args) -> lis
     request = {
       "task": task,
       "tiny": tiny,
+      "source": built.data.source,
       "runs": [
         {"settings": s, "seed": seed, "budget": budget, "evals": args.evals}
         for s in settings_list

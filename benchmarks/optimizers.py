@@ -3,7 +3,7 @@
 Each optimizer is an optax transformation built from a settings dict; ``SETTINGS`` gives the
 setting each runs with by default, per task, and ``GRIDS`` the three settings a tuning run
 tries (the same budget for every optimizer). CG-FAC is ``cgfac_optax.cgfac(**settings)``:
-with ``{}`` it is the library's defaults. kfac-jax runs in its own venv (``kfac_jax.py``).
+with ``{}`` it is the library's defaults. kfac-jax runs in its own venv (``kfac_jax_runner.py``).
 
 :func:`make_run` turns a task and a transformation into what the harness times: a first-order
 optimizer takes ``jax.value_and_grad`` of the task's loss; CG-FAC takes the loss, gradients
@@ -12,6 +12,7 @@ and ``extra`` from the library's helper for the task's framework (plain JAX, Lin
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -101,6 +102,42 @@ class Run(NamedTuple):
   init: Callable[[int], Any]  # seed -> carry
   step: Callable[[Any, Any, int], tuple[Any, jax.Array]]  # (carry, (x, y), i) -> (carry, loss)
   evaluate: Callable[[Any], dict]  # carry -> {"loss", ...}
+  # The jitted (params, state, opt_state, x, y, key) -> (params, state, opt_state, loss) that
+  # step calls: lower and compile it ahead of time, then stepper(compiled) steps with it.
+  update: Callable
+
+
+def stepper(update: Callable) -> Callable:
+  """``(carry, batch, i) -> (carry, loss)`` by ``update``; the key folded with the step number."""
+
+  def step(carry, batch, i):
+    params, state, opt_state, key = carry
+    params, state, opt_state, loss = update(
+      params, state, opt_state, *batch, jax.random.fold_in(key, i)
+    )
+    return (params, state, opt_state, key), loss
+
+  return step
+
+
+def solver_names() -> list[str]:
+  """Every solver CG-FAC has: the columns of ``cgfac_optax.plan``'s costs."""
+  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  stats = {"w": cgfac_optax.DenseStats(shape(2, 2), shape(2, 2))}
+  return list(cgfac_optax.plan({"w": {"kernel": shape(2, 2)}}, stats)["w"].flops)
+
+
+def cgfac_plan(task: T.Task, **options) -> cgfac_optax.Plan:
+  """``cgfac_optax.plan`` for ``cgfac(**options)`` on ``task`` at its batch: from shapes alone.
+
+  ``options`` that the planner does not take (the damping, ``curvature_every``) are ignored.
+  """
+  params, state = task.init(0)
+  x, y = (a[: task.batch_size] for a in task.data[:2])
+  helper = value_grad_and_extra(task)
+  stats = jax.eval_shape(lambda: helper(params, state, x, y, jax.random.key(0))[2]["layer_stats"]())
+  known = inspect.signature(cgfac_optax.plan).parameters
+  return cgfac_optax.plan(params, stats, **{k: v for k, v in options.items() if k in known})
 
 
 def _first_order(task: T.Task, tx):
@@ -147,11 +184,14 @@ def _curvature(task: T.Task, tx):
   return update
 
 
+def update_fn(task: T.Task, tx, uses_curvature: bool) -> Callable:
+  """``(params, state, opt_state, x, y, key) -> (params, state, opt_state, loss)``, not jitted."""
+  return (_curvature if uses_curvature else _first_order)(task, tx)
+
+
 def make_run(task: T.Task, tx, uses_curvature: bool, key_seed: int = 1000) -> Run:
   """The compiled step of ``tx`` on ``task`` (CG-FAC's through the helpers), and its evaluation."""
-  update = jax.jit(
-    (_curvature if uses_curvature else _first_order)(task, tx), donate_argnums=(0, 1, 2)
-  )
+  update = jax.jit(update_fn(task, tx, uses_curvature), donate_argnums=(0, 1, 2))
   evaluate_model = T.evaluator(task)
 
   def init(seed):
@@ -161,13 +201,6 @@ def make_run(task: T.Task, tx, uses_curvature: bool, key_seed: int = 1000) -> Ru
     opt_state = jax.tree.map(jnp.copy, tx.init(params))
     return params, state, opt_state, jax.random.key(seed + key_seed)
 
-  def step(carry, batch, i):
-    params, state, opt_state, key = carry
-    params, state, opt_state, loss = update(
-      params, state, opt_state, *batch, jax.random.fold_in(key, i)
-    )
-    return (params, state, opt_state, key), loss
-
   def evaluate(carry):
     values = evaluate_model(carry[0], carry[1])
     scalars = cgfac_optax.state_scalars(carry[2])
@@ -176,4 +209,4 @@ def make_run(task: T.Task, tx, uses_curvature: bool, key_seed: int = 1000) -> Ru
         values[name] = float(scalars[name])
     return values
 
-  return Run(init, step, evaluate)
+  return Run(init, stepper(update), evaluate, update)

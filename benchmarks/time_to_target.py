@@ -7,7 +7,10 @@ runs each of its three ``GRIDS`` settings (``optimizers.py``) on the first seed 
 ``--tune-budget`` seconds and keeps the one with the lowest final evaluation loss: the same
 budget for all. The tables give each optimizer's best evaluation loss (median over seeds),
 its step time, and the fraction of the budget it needs to reach each peer's best; the
-classification tasks add the same for the test accuracy. Tasks: ``tasks.py``.
+classification tasks add the same for the test accuracy. Tasks: ``tasks.py``. kfac-jax
+trains in its own venv (``kfac_jax_runner.py``) on the tasks its worker supports; a task it
+skips says why, in the output and in the JSON's ``skipped``. Each task's JSON and PNG go to
+``<--out>/<task>/time_to_target.{json,png}``.
 
   python benchmarks/time_to_target.py --tasks resnet --tune   # ~45 min per task on 2 cores
   python benchmarks/time_to_target.py --tiny                  # a seconds-long check
@@ -20,6 +23,7 @@ import math
 from pathlib import Path
 
 import harness as H
+import jax
 import kfac_jax_runner
 import optax
 import optimizers as O
@@ -82,6 +86,8 @@ def run_optimizer(task: T.Task, name: str, args) -> dict:
       + (" (diverged)" if r["diverged"] else ""),
       flush=True,
     )
+  if "blocks" in out["runs"][0]:  # what kfac-jax's graph matcher made of the model
+    print(f"  kfac_jax curvature blocks: {H.brief(out['runs'][0]['blocks'])}", flush=True)
   return out
 
 
@@ -93,15 +99,27 @@ def grid_for(name, task):
   return kfac_jax_runner.grid(task) if name == "kfac_jax" else O.grid_for(name, task)
 
 
+def settings_cell(name: str, settings: dict) -> str:
+  if name == "kfac_jax":  # its example's dozen options: only those a tuning changed
+    changed = {k: v for k, v in settings.items() if kfac_jax_runner.SETTINGS.get(k) != v}
+    return "its example's" + (f", {H.brief(changed)}" if changed else "")
+  return H.brief(settings)
+
+
 def run_task(name: str, args) -> dict:
   task = T.make(name, args.tiny)
-  names = [n for n in args.optimizers if n != "kfac_jax" or kfac_jax_runner.supports(name, args)]
+  skipped = {}
+  if "kfac_jax" in args.optimizers and (reason := kfac_jax_runner.skip_reason(name, args)):
+    skipped["kfac_jax"] = reason
+    print(f"kfac_jax SKIPPED on {name}: {reason}", flush=True)
+  names = [n for n in args.optimizers if n not in skipped]
   print(f"\n## {task.description}: batch {task.batch_size}; {', '.join(names)}", flush=True)
   results = {n: run_optimizer(task, n, args) for n in names}
   summary = H.summarize(results, args.budget)
-  settings = {n: H.brief(r["settings"]) for n, r in results.items()}
+  settings = {n: settings_cell(n, r["settings"]) for n, r in results.items()}
   metrics = [m for m in ("loss", "accuracy") if f"best_{m}" in next(iter(summary.values()))]
   tables = {m: H.table(summary, settings, args.budget, m) for m in metrics}
+  plan = capture(task, results["cgfac"]["settings"]) if "cgfac" in results else None
   return {
     "description": task.description,
     "loss": task.loss,
@@ -110,6 +128,25 @@ def run_task(name: str, args) -> dict:
     "optimizers": results,
     "summary": summary,
     "tables": tables,
+    "skipped": skipped,
+    "cgfac_plan": plan,
+  }
+
+
+def capture(task: T.Task, settings: dict) -> dict:
+  """What CG-FAC runs on each layer (``cgfac_optax.plan``) and which parameters it leaves to
+  its fallback, printed and as a record."""
+  import numpy as np
+
+  plan = O.cgfac_plan(task, **settings)
+  print(f"\nCG-FAC ({H.brief(settings)}) on each layer:\n{plan}", flush=True)
+  params = task.init(0)[0]
+  total = sum(int(np.size(p)) for p in jax.tree.leaves(params))
+  fallback = sum(int(np.prod(f.shape)) for f in plan.fallback)
+  return {
+    "layers": {path: layer.solver for path, layer in plan.items()},
+    "fallback": [f.path for f in plan.fallback],
+    "parameters": {"layers": total - fallback, "fallback": fallback},
   }
 
 
@@ -127,7 +164,7 @@ def parse_args(argv=None):
   parser.add_argument("--evals", type=int, default=40, help="evenly spaced evaluations per run")
   parser.add_argument("--max-steps", type=int, default=10**9)
   kfac_jax_runner.add_arguments(parser)
-  parser.add_argument("--out", type=Path, default=None, help="default results/<task>/")
+  parser.add_argument("--out", type=Path, default=H.RESULTS, help="writes <out>/<task>/")
   parser.add_argument("--tiny", action="store_true", help="tiny data and models, seconds-long")
   args = parser.parse_args(argv)
   if args.tiny:
@@ -146,8 +183,8 @@ def main(argv=None) -> dict:
   for name in args.tasks:
     results[name] = run_task(name, args)
     info["load_average_end"] = H.load_average()
-    out = args.out or H.RESULTS / name
-    payload = {"environment": info, "settings": _plain(vars(args)), "task": results[name]}
+    out = args.out / name
+    payload = {"environment": info, "settings": vars(args), "task": results[name]}
     path = H.write_json("time_to_target", payload, out)
     png = H.plot_curves(
       {name: results[name]}, args.budget, Path(out) / "time_to_target.png", _x(info)
@@ -162,10 +199,6 @@ def main(argv=None) -> dict:
 
 def _x(info: dict) -> str:
   return f"seconds after compilation ({info['device']}, {info['cpu_count']} cores)"
-
-
-def _plain(d: dict) -> dict:
-  return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 if __name__ == "__main__":

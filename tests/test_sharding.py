@@ -242,21 +242,21 @@ def test_scaling_section_examples_run_on_8_devices(tmp_path):
 
 
 def test_data_parallel_benchmark_runs(tmp_path):
+  # The tiny autoencoder (64-16-4-16-64) at batch 64 on 2 devices, "cg": the collectives read
+  # from the compiled step are the bytes the planner's model gives for it.
   out = tmp_path / "dp"
-  stdout = run_script(
-    ROOT / "benchmarks" / "data_parallel.py",
-    *("--devices", "2", "--hidden", "16", "--steps", "1", "--solvers", "cg", "--batch-size", "64"),
-    *("--out", str(out)),
-  )
-  assert "cg " in stdout and "simulated" in stdout
-  record = json.loads(out.with_suffix(".json").read_text())
+  stdout = run_script(ROOT / "benchmarks" / "data_parallel.py", "--tiny", "--out", str(out))
+  assert "| cg |" in stdout and "simulated" in stdout
+  record = json.loads((out / "data_parallel.json").read_text())
   assert record["many"]["devices"] == 2 and record["one"]["devices"] == 1
-  # One hidden layer of 16 and the output layer: per CG iteration, each all-reduces its
-  # d_A x d_G product and gathers its g.
-  iteration = record["many"]["results"]["cg"]["collectives"]["iteration"]
-  assert iteration["all-reduce:bytes"] == 4 * (785 * 16 + 17 * 10)
-  assert iteration["all-gather:bytes"] == 4 * 64 * (16 + 10)
-  assert out.with_suffix(".png").stat().st_size > 0
+  cg = record["many"]["results"]["cg"]
+  measured, model = cg["collectives"], cg["predicted_bytes"]
+  assert measured["iteration"]["bytes"] == model["iteration"] > 0
+  # Per step the program also reduces a few scalars (the batch's mean loss among them).
+  assert 0 <= measured["step"]["bytes"] - model["step"] < 64
+  # Per step, the gradients' all-reduce at least: 4 bytes for each of the 2,276 parameters.
+  assert cg["collectives"]["step"]["all-reduce:bytes"] >= 4 * (65 * 16 + 17 * 4 + 5 * 16 + 17 * 64)
+  assert (out / "data_parallel.png").stat().st_size > 0
 
 
 def _demo_plan(**kwargs):
