@@ -193,6 +193,8 @@ def _check_step_control(damping, learning_rate, kl_clip, adaptive_step) -> None:
 
 
 def _check_curvature_every(curvature_every, curvature_decay, refresh_every) -> None:
+  if curvature_every is None:
+    return
   check_static_int("curvature_every", curvature_every, "decides which steps read the stats")
   if curvature_every > 1 and batch_only(curvature_decay, refresh_every):
     raise ValueError(

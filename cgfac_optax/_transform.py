@@ -196,7 +196,7 @@ def scale_by_cgfac(
   precision: MatmulPrecision | None = None,
   curvature_dtype: CurvatureDtype | None = None,
   cg_skip: CGSkip | None = None,
-  curvature_every: int = 1,
+  curvature_every: int | None = None,
   weight_sharing: WeightSharing = "expand",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions gradients by the damped K-FAC Fisher, solved per layer.
@@ -331,7 +331,8 @@ def scale_by_cgfac(
       with the memory as it is. ``layer_stats`` given as a function (as the
       helpers give it) is then called on those steps only, inside a
       ``lax.cond``, so the pass that computes the stats costs nothing on the
-      others. ``T > 1`` needs curvature memory on every layer. A Python int.
+      others. ``T > 1`` needs curvature memory on every layer. A Python int;
+      ``None`` reads them on every step.
       See :mod:`cgfac_optax._curvature`.
     weight_sharing: for a layer applied at several positions (stats
       ``(examples, positions..., d)``: convolution patches, tokens):
@@ -375,6 +376,7 @@ def scale_by_cgfac(
   """
   options = dict(locals())  # every argument by name: nothing else is defined yet
   _options.validate(**options)
+  options["curvature_every"] = options["curvature_every"] or 1
   stage, policy = _stage_options(options), _step_policy(options)
   needs = _inputs.merge(
     {"layer_stats": "the preconditioner"}, policy.needs, _control.needs(damping)

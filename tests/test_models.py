@@ -239,7 +239,7 @@ def test_cnn_trains_on_digits_with_every_parameter_in_a_kronecker_block():
   # fallback="error": no parameter is left to a fallback; every one is in a conv/dense block.
   tx = cgfac.cgfac(0.3, 0.1, solver="auto", fallback="error")
   start, params, stats, losses = _train(model, x[:1500], y[:1500], tx, steps=60, batch=128)
-  plan = cgfac.plan(params, stats)
+  plan = cgfac.plan(params, stats, learning_rate=0.3)
   assert plan["Conv_0"].rows == 128 * 64 and not plan["Conv_0"].matrix_free
   assert all(_changed(start, params).values())
   assert np.mean(losses[:3]) > 2.0 and np.mean(losses[-5:]) < 0.5

@@ -1,5 +1,5 @@
 """CG-FAC under jax.jit on 8 simulated CPU devices: the single-device answer, stable state
-layouts, and the collectives the README's scaling section states.
+layouts, and the collectives the scaling recipe (docs/recipes.md) states.
 
 The 8-device runs happen in a subprocess (tests/sharded_worker.py) because the device count
 is fixed when jax starts, and the rest of the suite runs on one device.
@@ -95,7 +95,7 @@ def test_sharded_steps_equal_single_device_steps(solver):
     assert min(iterations) < max(iterations), iterations
 
 
-# The claims of the README's scaling section for the demo MLP 784-256-128-10 at batch 256 (float32),
+# The claims of the scaling recipe for the demo MLP 784-256-128-10 at batch 256 (float32),
 # data-parallel over 8 devices. Per layer, with the bias row: (d_A, d_G).
 B = 256
 LAYERS = [(785, 256), (257, 128), (129, 10)]
@@ -140,7 +140,7 @@ def test_collectives_of_the_demo_step_match_the_documented_counts():
     found = result[f"{solver}/dp"]
     assert _bytes_by_kind(found, False) == per_step, solver
     assert _bytes_by_kind(found, True) == per_iteration, solver
-  # Every solver in the table, documented in the README or not, exchanges what its record's
+  # Every solver in the table, documented in the recipe or not, exchanges what its record's
   # communication model says: once per step, and per CG iteration.
   for m in (0, 3):
     plan = _demo_plan(data_shards=DEVICES, cg_iters=m)
@@ -226,9 +226,9 @@ def test_readme_cgfac_recipe_on_an_explicit_mesh_matches_one_device():
 
 
 def _doc_section() -> str:
-  """The README's scaling section."""
-  text = (ROOT / "README.md").read_text()
-  assert "## Scaling out" in text, "no '## Scaling out' section in README.md"
+  """The recipes page's scaling section."""
+  text = (ROOT / "docs" / "recipes.md").read_text()
+  assert "## Scaling out" in text, "no '## Scaling out' section in docs/recipes.md"
   return text.split("## Scaling out", 1)[1].split("\n## ", 1)[0]
 
 
@@ -273,7 +273,7 @@ def _demo_plan(**kwargs):
 
 
 def test_plan_communication_is_what_the_compiled_step_exchanges():
-  # The README's counts (CLAIMS); the collectives test above compares every solver's model with
+  # The recipe's counts (CLAIMS); the collectives test above compares every solver's model with
   # the compiled step itself.
   from cgfac_optax._layers import LayerShape
 
