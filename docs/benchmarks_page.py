@@ -3,14 +3,15 @@
 Every ``benchmarks/results/**/*.json`` becomes a section of tables: the side-by-side runs of
 ``time_to_target.py`` (each optimizer's best loss and accuracy, step time, steps, compile time,
 and the time it needs to reach each peer's best), the step breakdown of ``step_breakdown.py``,
-the transformer runs of ``transformer.py``, and the tables any other script stores in its JSON;
+and the tables any other script stores in its JSON;
 each with the machine, the versions, the load average and the command of its run. Each PNG of
 the results is copied to ``docs/_static/benchmarks/`` and shown with its JSON. No figure on the
 page is typed by hand: rerun a benchmark, then this script (``make benchmarks-page``).
 
 The expected results (one ``time_to_target.json`` per task of ``benchmarks/tasks.py``, and
 ``step_breakdown/step_breakdown.json``) that are missing are named on the page and printed.
-A file written by an earlier version of a script is read where the format allows, and said so.
+A ``time_to_target.py`` file written by an earlier version of the script is read, and said so;
+any other JSON shows the markdown tables it stores (or, if none, its keys).
 
   python docs/benchmarks_page.py                  # from benchmarks/results/
   python docs/benchmarks_page.py --results DIR --page PAGE --static DIR
@@ -185,8 +186,9 @@ def time_to_target(rel: str, payload: dict) -> tuple[str, list[str]]:
   lines = []
   if legacy:
     lines += [
-      "(Written by an earlier version of `time_to_target.py`; the summary below is computed "
-      "from its runs by today's harness.)",
+      "(Written by an earlier version of `time_to_target.py`, with the library as it was then, "
+      "and run with that version's options, as its command below gives them; the summary is "
+      "computed from its runs by today's harness.)",
       "",
     ]
   headers = ["optimizer", "settings"]
@@ -236,18 +238,9 @@ def time_to_target(rel: str, payload: dict) -> tuple[str, list[str]]:
 # step_breakdown.py
 
 
-def _legacy_step_breakdown(payload: dict) -> dict:
-  settings = payload.get("settings", {})
-  name = settings.get("task", "task")
-  return {name: {"description": name, "steps": payload["steps"], "parts": payload["parts"]}}
-
-
 def step_breakdown(rel: str, payload: dict) -> tuple[str, list[str]]:
-  legacy = "tasks" not in payload
-  tasks = _legacy_step_breakdown(payload) if legacy else payload["tasks"]
+  tasks = payload["tasks"]
   lines = []
-  if legacy:
-    lines += ["(Written by an earlier version of `step_breakdown.py`.)", ""]
   for task in tasks.values():
     if len(tasks) > 1:
       lines += [f"**{task.get('description')}**", ""]
@@ -277,45 +270,6 @@ def step_breakdown(rel: str, payload: dict) -> tuple[str, list[str]]:
   settings = payload.get("settings") or {"tasks": list(tasks)}
   title = ", ".join(str(t.get("description")) for t in tasks.values())
   return title, lines + run_lines(env, load, command("step_breakdown.py", settings))
-
-
-# ---------------------------------------------------------------------------
-# transformer.py
-
-
-def transformer(rel: str, payload: dict) -> tuple[str, list[str]]:
-  config = payload.get("config", {})
-  lines = []
-  capture = payload.get("capture", {})
-  lines += [
-    f"{payload.get('parameters')} parameters; `cgfac()` captures {len(capture.get('layers', []))} "
-    f"layers ({len(capture.get('captured', []))} parameter arrays) and gives "
-    f"{len(capture.get('fallback', []))} parameter arrays its fallback update. "
-    f"{number(config.get('seconds'))} s of steps per optimizer.",
-    "",
-  ]
-  rows = [
-    [
-      r["optimizer"],
-      r["steps"],
-      number(r.get("tokens_per_s"), 4),
-      number(r.get("step_ms")),
-      number(r.get("train_loss"), 4),
-      number(r.get("val_loss"), 4),
-    ]
-    for r in payload.get("results", [])
-  ]
-  lines += table(
-    ["optimizer", "steps", "tokens/s", "ms/step", "training loss", "validation loss"], rows
-  )
-  env = {"device": payload.get("device"), "cpu_count": payload.get("cpu_count")}
-  env.update(payload.get("versions", {}))
-  load = payload.get("load_average", {})
-  load = (load_average(load.get("before")), load_average(load.get("after")))
-  title = (
-    f"{config.get('d_model')}-wide, {config.get('layers')} blocks, context {config.get('context')}"
-  )
-  return title, lines + run_lines(env, load, command("transformer.py", config))
 
 
 # ---------------------------------------------------------------------------
@@ -374,17 +328,12 @@ def kind(payload: dict) -> str:
       return "time_to_target"
     if isinstance(first, dict) and "steps" in first and "parts" in first:
       return "step_breakdown"
-  if "steps" in payload and "parts" in payload:
-    return "step_breakdown"
-  if "results" in payload and "config" in payload and "capture" in payload:
-    return "transformer"
   return "generic"
 
 
 SECTIONS = {
   "time_to_target": ("Time to target (`time_to_target.py`)", time_to_target),
   "step_breakdown": ("Where a step's time goes (`step_breakdown.py`)", step_breakdown),
-  "transformer": ("A small transformer (`transformer.py`)", transformer),
   "generic": ("Other results", generic),
 }
 

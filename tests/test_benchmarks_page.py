@@ -95,9 +95,9 @@ def test_the_script_reads_what_the_benchmarks_write(tmp_path, capsys):
     "autoencoder/time_to_target.json": _time_to_target("autoencoder", accuracy=False),
     "resnet/time_to_target.json": _time_to_target("resnet", accuracy=True),
     "step_breakdown/step_breakdown.json": _step_breakdown(),
-    "step_cost/step_cost.json": {
+    "scaling/scaling.json": {
       "environment": harness.environment(),
-      "settings": {"batch_sizes": [16], "tiny": True},
+      "settings": {"rows": [64, 256], "iters": 10, "tiny": True},
       "tables": ["### Training step\n\n| optimizer | ms |\n|---|---|\n| adam | 0.7 |"],
     },
   }.items():
@@ -130,7 +130,7 @@ def test_the_script_reads_what_the_benchmarks_write(tmp_path, capsys):
   # The step breakdown, another script's stored table, and the file that cannot be read.
   assert "| `cgfac` | 30 | 3 | - | 2 |" in text and "| `stats_pass` | 4 | 0.25 |" in text
   assert "| adam | 0.7 |" in text and "**Training step**" in text
-  assert "Command: `python benchmarks/step_cost.py --batch-sizes 16 --tiny`" in text
+  assert "Command: `python benchmarks/scaling.py --rows 64 256 --iters 10 --tiny`" in text
   assert "#### `broken.json`" in text and "Not readable" in text
   # The figure is copied next to the page and shown with its results.
   assert (static / "autoencoder" / "time_to_target.png").read_bytes() == b"\x89PNG tiny"
