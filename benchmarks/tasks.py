@@ -180,8 +180,8 @@ def autoencoder(tiny: bool, data: Data) -> Task:
 def resnet_data(tiny: bool) -> Data:
   x, y, source = images("train")
   x_eval, y_eval, _ = images("test")
-  # 1,024 of the 10,000 test images, the same for every run: a run evaluates 15-20 times, off the
-  # clock, and on 2 cores all 10,000 would cost a few seconds each time.
+  # 1,024 of the 10,000 test images, the same for every run: a run evaluates up to --evals + 8 times
+  # (harness.eval_schedule), off the clock but not off the machine's time.
   pick = np.random.default_rng(123).permutation(len(x_eval))[: 256 if tiny else 1024]
   if tiny:
     x, y = x[:1024], y[:1024]
