@@ -21,8 +21,9 @@ them) and ``extra``, the keyword arguments of ``tx.update``:
   Fisher's cotangent (targets drawn from the model for the sampled Fisher, the
   batch's own for the empirical). The optimizer calls it only on the steps
   that update its curvature, so the pass costs nothing on the others;
-- ``curvature_model``: the :class:`~cgfac_optax.CurvatureModel` of the same
-  examples (the quadratic model's exact Fisher products);
+- ``curvature_model``: the :class:`~cgfac_optax.CurvatureModel` of the batch's
+  first ``quadratic_batch_size`` examples (the quadratic model's exact Fisher
+  products, on every step);
 - ``value`` and ``value_fn``: the loss, and the loss of the same batch at other
   parameters (the Levenberg-Marquardt reduction ratio).
 
@@ -53,6 +54,11 @@ from cgfac_optax._quadratic import CurvatureModel
 # Examples of the batch whose stats feed the curvature (the sampled-Fisher pass, the factors and
 # the quadratic model): a batch larger than this pays for this many.
 DEFAULT_CURVATURE_BATCH_SIZE = 512
+
+# The share of the batch the quadratic model's Jacobian-vector products run on. They run on every
+# step (the stats on the reading steps only), so their examples set most of what a step costs
+# beyond the loss pass: a quarter keeps that a fixed share of it at any batch size.
+DEFAULT_QUADRATIC_BATCH_SIZE = 0.25
 
 
 def identity(x: jax.Array) -> jax.Array:
@@ -112,7 +118,7 @@ class Model(NamedTuple):
   no_layers: str
 
 
-def check_curvature_batch_size(value) -> None:
+def check_curvature_batch_size(value, name: str = "curvature_batch_size") -> None:
   """Raises unless ``value`` is ``None``, a positive int, or a float in ``(0, 1]``."""
   if value is None:
     return
@@ -124,7 +130,7 @@ def check_curvature_batch_size(value) -> None:
     ok = 0 < value <= 1
   if not ok:
     raise ValueError(
-      "curvature_batch_size must be None, a positive int (a number of examples) or a float "
+      f"{name} must be None, a positive int (a number of examples) or a float "
       f"in (0, 1] (a fraction of the batch), got {value!r}"
     )
 
@@ -295,16 +301,19 @@ def value_grad_and_extra(
   fisher: str,
   weights: jax.Array | None = None,
   curvature_batch_size: int | float | None = DEFAULT_CURVATURE_BATCH_SIZE,
+  quadratic_batch_size: int | float | None = DEFAULT_QUADRATIC_BATCH_SIZE,
 ) -> tuple[jax.Array, Any, dict, Any]:
   """``(loss, grads, extra, aux)`` of ``model`` on one batch (see the module docstring).
 
   ``aux`` is the model's state after the loss pass. ``curvature_batch_size``: the
-  first this-many examples feed the curvature (a batch smaller than it uses all of
+  first this-many examples feed the stats (a batch smaller than it uses all of
   its), or, as a float in ``(0, 1]``, that fraction of the batch; ``None`` for all.
+  ``quadratic_batch_size``: the same for the quadratic model's examples.
   """
   kind = _losses.get_loss(loss)
   _losses.check_fisher(fisher)
   check_curvature_batch_size(curvature_batch_size)
+  check_curvature_batch_size(quadratic_batch_size, "quadratic_batch_size")
   targets = jnp.asarray(targets)
   weights = None if weights is None else jnp.asarray(weights)
   outputs_shape, _ = jax.eval_shape(model.run, params, inputs)
@@ -324,9 +333,10 @@ def value_grad_and_extra(
     rows,
   )
   shapes = _shape_pass(model, params, data.inputs)
+  quadratic_inputs = head(inputs, curvature_rows(quadratic_batch_size, examples))
   extra = {
     "layer_stats": lambda: stats(model, params, data, shapes, kind, fisher),
-    "curvature_model": CurvatureModel(lambda p: model.run(p, data.inputs)[0], loss),
+    "curvature_model": CurvatureModel(lambda p: model.run(p, quadratic_inputs)[0], loss),
     "value": loss_value,
     "value_fn": lambda p: value(p)[0],
   }

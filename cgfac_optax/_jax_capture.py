@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from cgfac_optax import _capture, _graph, _jaxpr, _losses
-from cgfac_optax._capture import DEFAULT_CURVATURE_BATCH_SIZE
+from cgfac_optax._capture import DEFAULT_CURVATURE_BATCH_SIZE, DEFAULT_QUADRATIC_BATCH_SIZE
 
 NO_LAYERS = (
   "no product in the model is a layer. A layer is a dot_general (no batch dimensions) or a "
@@ -86,6 +86,7 @@ def value_grad_and_extra(
   loss: str = "softmax_cross_entropy",
   fisher: str = "sampled",
   curvature_batch_size: int | float | None = DEFAULT_CURVATURE_BATCH_SIZE,
+  quadratic_batch_size: int | float | None = DEFAULT_QUADRATIC_BATCH_SIZE,
 ) -> Callable[..., tuple[jax.Array, Any, dict]]:
   r"""The loss, the gradients and ``extra``, everything ``tx.update`` reads, of a JAX function.
 
@@ -127,9 +128,10 @@ def value_grad_and_extra(
 
   The loss and ``extra`` (``layer_stats``, ``curvature_model``, ``value`` and
   ``value_fn``) are those of :func:`cgfac_optax.flax.value_grad_and_extra`,
-  which documents the losses, the Fisher, ``weights`` and
-  ``curvature_batch_size``; ``grads`` is the gradient of the loss with respect
-  to ``params``, from one forward and one backward pass of ``apply_fn``.
+  which documents the losses, the Fisher, ``weights``,
+  ``curvature_batch_size`` and ``quadratic_batch_size``; ``grads`` is the
+  gradient of the loss with respect to ``params``, from one forward and one
+  backward pass of ``apply_fn``.
 
   Args:
     apply_fn: the model, ``apply_fn(params, inputs, **kwargs) -> outputs``,
@@ -138,8 +140,9 @@ def value_grad_and_extra(
       ``"squared_error"``.
     fisher: ``"sampled"`` (the true Fisher, as in K-FAC) or ``"empirical"``.
     curvature_batch_size: how many of the batch's first examples feed the
-      curvature: an int, a fraction of the batch (a float in ``(0, 1]``), or
-      ``None`` for all.
+      curvature stats: an int, a fraction of the batch (a float in ``(0,
+      1]``), or ``None`` for all.
+    quadratic_batch_size: the same for the quadratic model's examples.
 
   Returns:
     ``fn(params, inputs, targets, rng=None, *, weights=None, **kwargs) ->
@@ -187,6 +190,7 @@ def value_grad_and_extra(
   _losses.get_loss(loss)
   _losses.check_fisher(fisher)
   _capture.check_curvature_batch_size(curvature_batch_size)
+  _capture.check_curvature_batch_size(quadratic_batch_size, "quadratic_batch_size")
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be a function (params, inputs, **kwargs), got {apply_fn!r}")
 
@@ -201,6 +205,7 @@ def value_grad_and_extra(
       fisher=fisher,
       weights=weights,
       curvature_batch_size=curvature_batch_size,
+      quadratic_batch_size=quadratic_batch_size,
     )
     return value, grads, extra
 

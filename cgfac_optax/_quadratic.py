@@ -71,8 +71,8 @@ class CurvatureModel(_CurvatureModelFields):
   Attributes:
     outputs_fn: the model's outputs (logits or means, ``(examples, ..., k)``)
       on the examples the step is judged on, as a function of the parameters
-      alone; close over the inputs. The helpers use the examples the stats
-      come from (the batch's first ``curvature_batch_size``).
+      alone; close over the inputs. The helpers use the batch's first
+      ``quadratic_batch_size`` examples (a quarter of the batch by default).
     loss: a key of the loss table (``"softmax_cross_entropy"``,
       ``"sigmoid_binary_cross_entropy"`` or ``"squared_error"``), the loss the
       outputs are trained with.

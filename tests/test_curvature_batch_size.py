@@ -1,5 +1,6 @@
-"""``curvature_batch_size=k``: the curvature (stats and quadratic model) of the batch's first ``k``
-examples, the loss, gradients and ``value_fn`` of the whole batch (Linen and NNX).
+"""``curvature_batch_size=k``: the stats of the batch's first ``k`` examples, and
+``quadratic_batch_size=q``: the quadratic model of its first ``q``; the loss, gradients and
+``value_fn`` of the whole batch (Linen and NNX).
 
 The stats are those of the helper run on the first ``k`` examples alone with
 ``curvature_batch_size=None``: the same key (sampled targets drawn for those ``k``), weights
@@ -21,6 +22,7 @@ import optax
 import pytest
 from flax import nnx
 
+import cgfac_optax as cgfac
 from cgfac_optax import flax as cflax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -111,7 +113,9 @@ def linen_case(params, x, t, key, w, *, model, fisher):
   ``params`` and (``value_fn``) at other params; and the oracle, their per-example gradients
   (``jax.vmap``) for their targets (empirical) or for targets drawn from the model's predictions
   (sampled)."""
-  helper = lambda k: cflax.value_grad_and_extra(model, fisher=fisher, curvature_batch_size=k)
+  helper = lambda k: cflax.value_grad_and_extra(
+    model, fisher=fisher, curvature_batch_size=k, quadratic_batch_size=k
+  )
   other = jax.tree.map(lambda p: 1.1 * p, params)
 
   def helpers(weights):
@@ -189,7 +193,14 @@ def nnx_case(model, x, t, key, w):
     def helper(k, x, t, w, fisher=fisher):
       return unpack(
         cflax.nnx_value_grad_and_extra(
-          model, x, t, key, fisher=fisher, weights=w, curvature_batch_size=k
+          model,
+          x,
+          t,
+          key,
+          fisher=fisher,
+          weights=w,
+          curvature_batch_size=k,
+          quadratic_batch_size=k,
         ),
         params,
       )
@@ -250,16 +261,58 @@ def test_nnx_state(x64):
   assert not np.allclose(ours.norm.mean[...], head_model.norm.mean[...])
 
 
-def test_bad_values(x64):
+@pytest.mark.parametrize("name", ["curvature_batch_size", "quadratic_batch_size"])
+def test_bad_values(x64, name):
   model, (x, t) = MLP(), batch()
   key = jax.random.key(3)
   nnx_model = NNXMLP(nnx.Rngs(0))
   for bad in (0, -2, 2.0, 0.0, True, "3"):
-    message = "curvature_batch_size must be None, a positive int.*" + re.escape(f"got {bad!r}")
+    message = f"{name} must be None, a positive int.*" + re.escape(f"got {bad!r}")
     with pytest.raises(ValueError, match=message):
-      cflax.value_grad_and_extra(model, curvature_batch_size=bad)
+      cflax.value_grad_and_extra(model, **{name: bad})
     with pytest.raises(ValueError, match=message):
-      cflax.nnx_value_grad_and_extra(nnx_model, x, t, key, curvature_batch_size=bad)
+      cflax.nnx_value_grad_and_extra(nnx_model, x, t, key, **{name: bad})
+    with pytest.raises(ValueError, match=message):
+      cgfac.value_grad_and_extra(lambda p, x: x, **{name: bad})
+
+
+def _mlp_apply(params, x):
+  return MLP().apply({"params": params}, x)
+
+
+@pytest.mark.parametrize("front", ["linen", "nnx", "jax"])
+def test_the_quadratic_model_has_its_own_examples(x64, front):
+  """By default the quadratic model runs on the batch's first quarter (2 of 8), whatever
+  ``curvature_batch_size`` is; ``quadratic_batch_size`` takes an int, a fraction or ``None``,
+  and changes neither the stats nor the loss, gradients and ``value_fn``."""
+  (x, t), key = batch(), jax.random.key(3)
+  if front == "nnx":
+    model = NNXMLP(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    apply = lambda p, x: nnx.merge(nnx.graphdef(model), p)(x)
+    call = lambda **o: cflax.nnx_value_grad_and_extra(model, x, t, key, **o)
+  else:
+    params = linen_params(MLP())
+    apply = _mlp_apply
+    make = cflax.value_grad_and_extra if front == "linen" else cgfac.value_grad_and_extra
+    call = lambda **o: make(MLP() if front == "linen" else _mlp_apply, **o)(params, x, t, key)
+  other = jax.tree.map(lambda p: 0.9 * p, params)
+  ref = unpack(call(curvature_batch_size=None, quadratic_batch_size=None), other)
+  assert ref[3].shape == (B, 3)
+  for options, rows in [
+    ({}, 2),
+    ({"curvature_batch_size": K}, 2),
+    ({"quadratic_batch_size": 5}, 5),
+    ({"quadratic_batch_size": 0.5}, 4),
+    ({"quadratic_batch_size": B + 1}, B),
+  ]:
+    loss, grads, stats, outputs, value = unpack(call(**options), other)
+    close(outputs, apply(other, x[:rows]))  # the model on the first rows examples, at other
+    close((loss, grads, value), (ref[0], ref[1], ref[4]))
+    stats_rows = options.get("curvature_batch_size") or B
+    assert all(s.inputs.shape[0] == stats_rows for s in stats.values())
+    if stats_rows == B:
+      close(stats, ref[2])
 
 
 def test_a_fraction_of_the_batch(x64):

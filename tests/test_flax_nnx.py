@@ -232,10 +232,11 @@ def test_rng_streams_and_state_written_back_like_nnx_value_and_grad(x64):
   our_rngs, ref_rngs = nnx.Rngs(dropout=3), nnx.Rngs(dropout=3)
   for _ in range(2):
     loss, grads, extra = cflax.nnx_value_grad_and_extra(
-      ours, x, t, jax.random.key(1), rngs=our_rngs
+      ours, x, t, jax.random.key(1), rngs=our_rngs, quadratic_batch_size=None
     )
     # The extra passes, run after the write-back, see the state the loss pass saw: the same
-    # dropout masks, so the loss again at the same params.
+    # dropout masks, so the loss again at the same params (the quadratic model on the whole
+    # batch, whose masks are the loss pass's).
     params = nnx.state(ours, nnx.Param)
     np.testing.assert_allclose(extra["value_fn"](params), loss, rtol=1e-12)
     outputs = extra["curvature_model"].outputs_fn(params)

@@ -23,7 +23,7 @@ from flax import traverse_util
 from flax.training import train_state
 
 from cgfac_optax import _capture, _layers, _losses
-from cgfac_optax._capture import DEFAULT_CURVATURE_BATCH_SIZE
+from cgfac_optax._capture import DEFAULT_CURVATURE_BATCH_SIZE, DEFAULT_QUADRATIC_BATCH_SIZE
 from cgfac_optax.flax._rules import apply_rule, find_rule, no_layers_message
 
 INPUTS = "cgfac_inputs"
@@ -109,6 +109,7 @@ def value_grad_and_extra(
   loss: str = "softmax_cross_entropy",
   fisher: str = "sampled",
   curvature_batch_size: int | float | None = DEFAULT_CURVATURE_BATCH_SIZE,
+  quadratic_batch_size: int | float | None = DEFAULT_QUADRATIC_BATCH_SIZE,
 ) -> Callable[..., tuple[jax.Array, Any, dict]]:
   r"""The loss, the gradients and ``extra``, everything ``tx.update`` reads, of a Linen model.
 
@@ -129,8 +130,9 @@ def value_grad_and_extra(
     drawn from the model for ``fisher="sampled"``, the batch's own for
     ``"empirical"``); the optimizer calls it only on the steps that update its
     curvature;
-  - ``curvature_model``: the model's outputs on the same examples as a
-    function of the parameters (exact Fisher products for the step sizes);
+  - ``curvature_model``: the model's outputs on the batch's first
+    ``quadratic_batch_size`` examples as a function of the parameters (exact
+    Fisher products for the step sizes, on every step);
   - ``value`` and ``value_fn``: the loss, and the loss of this batch at other
     parameters (adaptive damping);
   - ``collections``: with ``collections=``, the model's variable collections
@@ -161,9 +163,14 @@ def value_grad_and_extra(
       ``"squared_error"``.
     fisher: ``"sampled"`` (the true Fisher, as in K-FAC) or ``"empirical"``.
     curvature_batch_size: how many of the batch's first examples feed the
-      curvature (the stats and the quadratic model): an int (a batch smaller
-      than it uses all its examples), a float in ``(0, 1]`` (that fraction of
-      the batch, as scikit-learn's ``test_size``), or ``None`` for all.
+      curvature stats: an int (a batch smaller than it uses all its
+      examples), a float in ``(0, 1]`` (that fraction of the batch, as
+      scikit-learn's ``test_size``), or ``None`` for all.
+    quadratic_batch_size: the same for the quadratic model's examples. Its
+      two Jacobian-vector products run on every step (the stats only on the
+      steps that read them), so this sets most of what a step costs beyond
+      the loss pass; the default, a quarter of the batch, keeps that share
+      fixed.
 
   Returns:
     ``fn(params, inputs, targets, rng=None, *, collections=None, mutable=None,
@@ -197,6 +204,7 @@ def value_grad_and_extra(
   _losses.get_loss(loss)
   _losses.check_fisher(fisher)
   _capture.check_curvature_batch_size(curvature_batch_size)
+  _capture.check_curvature_batch_size(quadratic_batch_size, "quadratic_batch_size")
 
   def fn(
     params, inputs, targets, rng=None, *, collections=None, mutable=None, weights=None, **kwargs
@@ -215,6 +223,7 @@ def value_grad_and_extra(
       fisher=fisher,
       weights=weights,
       curvature_batch_size=curvature_batch_size,
+      quadratic_batch_size=quadratic_batch_size,
     )
     if collections:
       extra["collections"] = {**collections, **changed}

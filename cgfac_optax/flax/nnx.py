@@ -27,7 +27,7 @@ from flax import nnx
 from flax.nnx import graph, tracers
 
 from cgfac_optax import _capture, _layers, _losses
-from cgfac_optax._capture import DEFAULT_CURVATURE_BATCH_SIZE
+from cgfac_optax._capture import DEFAULT_CURVATURE_BATCH_SIZE, DEFAULT_QUADRATIC_BATCH_SIZE
 from cgfac_optax.flax._rules import apply_rule, find_rule, no_layers_message
 
 _ACTIVE: list[_Capture] = []
@@ -157,6 +157,7 @@ def nnx_value_grad_and_extra(
   fisher: str = "sampled",
   weights: jax.Array | None = None,
   curvature_batch_size: int | float | None = DEFAULT_CURVATURE_BATCH_SIZE,
+  quadratic_batch_size: int | float | None = DEFAULT_QUADRATIC_BATCH_SIZE,
   **call_kwargs,
 ) -> tuple[jax.Array, nnx.State, dict]:
   """The loss, the gradients and ``extra``, everything ``tx.update`` reads, of an NNX model.
@@ -166,7 +167,8 @@ def nnx_value_grad_and_extra(
   and one backward pass of ``model(inputs, **call_kwargs)``; ``extra`` holds
   ``layer_stats``, ``curvature_model``, ``value`` and ``value_fn``, as for
   :func:`cgfac_optax.flax.value_grad_and_extra` (Linen), which documents the
-  losses, the Fisher, ``weights`` and ``curvature_batch_size``. The
+  losses, the Fisher, ``weights``, ``curvature_batch_size`` and
+  ``quadratic_batch_size``. The
   non-parameter state the loss pass changes (batch statistics, RNG counts,
   of the model and of NNX objects among ``call_kwargs``) is written back, as
   ``nnx.grad`` does; the other passes run on copies.
@@ -181,8 +183,9 @@ def nnx_value_grad_and_extra(
     fisher: ``"sampled"`` (true Fisher) or ``"empirical"``.
     weights: optional per-example weights ``(examples,)``.
     curvature_batch_size: how many of the batch's first examples feed the
-      curvature: an int, a fraction of the batch (a float in ``(0, 1]``), or
-      ``None`` for all.
+      curvature stats: an int, a fraction of the batch (a float in ``(0,
+      1]``), or ``None`` for all.
+    quadratic_batch_size: the same for the quadratic model's examples.
     **call_kwargs: further arguments of the model's ``__call__`` (``train=True``,
       ``rngs=nnx.Rngs(dropout=key)``), the same in every pass.
 
@@ -210,6 +213,7 @@ def nnx_value_grad_and_extra(
   _losses.get_loss(loss)
   _losses.check_fisher(fisher)
   _capture.check_curvature_batch_size(curvature_batch_size)
+  _capture.check_curvature_batch_size(quadratic_batch_size, "quadratic_batch_size")
   engine, params, write_back = _model(model, call_kwargs)
   value, grads, extra, changed = _capture.value_grad_and_extra(
     engine,
@@ -221,6 +225,7 @@ def nnx_value_grad_and_extra(
     fisher=fisher,
     weights=weights,
     curvature_batch_size=curvature_batch_size,
+    quadratic_batch_size=quadratic_batch_size,
   )
   write_back(changed)
   return value, grads, extra
