@@ -146,23 +146,6 @@ def figure(rel_png: str, static_rel: str, caption: str) -> list[str]:
 # time_to_target.py
 
 
-def _legacy_time_to_target(payload: dict) -> dict:
-  """The task of a file from before the harness stored one task with its summary."""
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import harness  # noqa: PLC0415  (jax: imported only for such a file)
-
-  name, task = next(iter(payload["tasks"].items()))
-  budget = payload["settings"]["budget"]
-  return {
-    "description": name,
-    "loss": task.get("model", {}).get("loss"),
-    "batch_size": task.get("data", {}).get("batch_size"),
-    "examples": task.get("data"),
-    "optimizers": task["optimizers"],
-    "summary": harness.summarize(task["optimizers"], budget),
-  }
-
-
 def _reach_cell(r: dict | None) -> str:
   if r is None:
     return ""
@@ -176,21 +159,13 @@ def _reach_cell(r: dict | None) -> str:
 
 
 def time_to_target(rel: str, payload: dict) -> tuple[str, list[str]]:
-  legacy = "task" not in payload
-  task = _legacy_time_to_target(payload) if legacy else payload["task"]
+  task = payload["task"]
   settings = payload.get("settings", {})
   summary, optimizers = task["summary"], task["optimizers"]
   names = list(summary)
   budget = settings.get("budget")
   metrics = [m for m in ("loss", "accuracy") if all(f"best_{m}" in summary[n] for n in names)]
   lines = []
-  if legacy:
-    lines += [
-      "(Written by an earlier version of `time_to_target.py`, with the library as it was then, "
-      "and run with that version's options, as its command below gives them; the summary is "
-      "computed from its runs by today's harness.)",
-      "",
-    ]
   headers = ["optimizer", "settings"]
   headers += [f"best {m}: median [min, max]" for m in metrics]
   headers += ["ms/step", "steps", "compile s", "diverged"]
