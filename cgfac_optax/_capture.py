@@ -40,6 +40,7 @@ their weighted mean.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -142,6 +143,22 @@ def curvature_rows(curvature_batch_size, examples: int) -> int:
   if isinstance(curvature_batch_size, numbers.Integral):
     return min(int(curvature_batch_size), examples)
   return max(1, min(examples, round(curvature_batch_size * examples)))
+
+
+def _whole_shards(rows: int, inputs: Any, examples: int) -> int:
+  """``rows`` rounded up to whole shards of the examples axis (on a mesh with Explicit axes).
+
+  On such a mesh a slice of a sharded axis must divide among its devices; a quarter of a
+  batch that is sharded eight ways may not. Elsewhere ``rows`` as it is.
+  """
+  shards = 1
+  for x in jax.tree.leaves(inputs):
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec and spec[0] is not None:
+      axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+      shards = max(shards, math.prod(sharding.mesh.shape[a] for a in axes))
+  return min(examples, -(-rows // shards) * shards)
 
 
 def head(tree: Any, rows: int) -> Any:
@@ -333,7 +350,8 @@ def value_grad_and_extra(
     rows,
   )
   shapes = _shape_pass(model, params, data.inputs)
-  quadratic_inputs = head(inputs, curvature_rows(quadratic_batch_size, examples))
+  quadratic_rows = _whole_shards(curvature_rows(quadratic_batch_size, examples), inputs, examples)
+  quadratic_inputs = head(inputs, quadratic_rows)
   extra = {
     "layer_stats": lambda: stats(model, params, data, shapes, kind, fisher),
     "curvature_model": CurvatureModel(lambda p: model.run(p, quadratic_inputs)[0], loss),

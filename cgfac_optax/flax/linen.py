@@ -170,7 +170,8 @@ def value_grad_and_extra(
       two Jacobian-vector products run on every step (the stats only on the
       steps that read them), so this sets most of what a step costs beyond
       the loss pass; the default, a quarter of the batch, keeps that share
-      fixed.
+      fixed. On a mesh with Explicit axes it is rounded up to whole shards of
+      the batch axis.
 
   Returns:
     ``fn(params, inputs, targets, rng=None, *, collections=None, mutable=None,
