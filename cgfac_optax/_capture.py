@@ -136,6 +136,12 @@ def check_curvature_batch_size(value, name: str = "curvature_batch_size") -> Non
     )
 
 
+def check_batch_sizes(curvature_batch_size, quadratic_batch_size) -> None:
+  """Both of the helpers' example counts, each as :func:`check_curvature_batch_size` does."""
+  check_curvature_batch_size(curvature_batch_size)
+  check_curvature_batch_size(quadratic_batch_size, "quadratic_batch_size")
+
+
 def curvature_rows(curvature_batch_size, examples: int) -> int:
   """How many of a batch's ``examples`` feed the curvature (at least one)."""
   if curvature_batch_size is None:
@@ -329,8 +335,7 @@ def value_grad_and_extra(
   """
   kind = _losses.get_loss(loss)
   _losses.check_fisher(fisher)
-  check_curvature_batch_size(curvature_batch_size)
-  check_curvature_batch_size(quadratic_batch_size, "quadratic_batch_size")
+  check_batch_sizes(curvature_batch_size, quadratic_batch_size)
   targets = jnp.asarray(targets)
   weights = None if weights is None else jnp.asarray(weights)
   outputs_shape, _ = jax.eval_shape(model.run, params, inputs)

@@ -189,8 +189,7 @@ def value_grad_and_extra(
   """
   _losses.get_loss(loss)
   _losses.check_fisher(fisher)
-  _capture.check_curvature_batch_size(curvature_batch_size)
-  _capture.check_curvature_batch_size(quadratic_batch_size, "quadratic_batch_size")
+  _capture.check_batch_sizes(curvature_batch_size, quadratic_batch_size)
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be a function (params, inputs, **kwargs), got {apply_fn!r}")
 

@@ -204,8 +204,7 @@ def value_grad_and_extra(
   """
   _losses.get_loss(loss)
   _losses.check_fisher(fisher)
-  _capture.check_curvature_batch_size(curvature_batch_size)
-  _capture.check_curvature_batch_size(quadratic_batch_size, "quadratic_batch_size")
+  _capture.check_batch_sizes(curvature_batch_size, quadratic_batch_size)
 
   def fn(
     params, inputs, targets, rng=None, *, collections=None, mutable=None, weights=None, **kwargs

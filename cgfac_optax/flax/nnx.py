@@ -212,8 +212,7 @@ def nnx_value_grad_and_extra(
   """
   _losses.get_loss(loss)
   _losses.check_fisher(fisher)
-  _capture.check_curvature_batch_size(curvature_batch_size)
-  _capture.check_curvature_batch_size(quadratic_batch_size, "quadratic_batch_size")
+  _capture.check_batch_sizes(curvature_batch_size, quadratic_batch_size)
   engine, params, write_back = _model(model, call_kwargs)
   value, grads, extra, changed = _capture.value_grad_and_extra(
     engine,
