@@ -134,10 +134,18 @@ def cgfac_plan(task: T.Task, **options) -> cgfac_optax.Plan:
   """
   params, state = task.init(0)
   x, y = (a[: task.batch_size] for a in task.data[:2])
-  helper = value_grad_and_extra(task)
-  stats = jax.eval_shape(lambda: helper(params, state, x, y, jax.random.key(0))[2]["layer_stats"]())
   known = inspect.signature(cgfac_optax.plan).parameters
-  return cgfac_optax.plan(params, stats, **{k: v for k, v in options.items() if k in known})
+  options = {k: v for k, v in options.items() if k in known}
+  planned = []
+
+  def trace(params, state, x, y):  # the plan reads shapes: traced, nothing computed
+    extra = value_grad_and_extra(task)(params, state, x, y, jax.random.key(0))[2]
+    stats = jax.eval_shape(extra["layer_stats"])
+    model = extra["curvature_model"]
+    planned.append(cgfac_optax.plan(params, stats, curvature_model=model, **options))
+
+  jax.eval_shape(trace, params, state, x, y)
+  return planned[0]
 
 
 def _first_order(task: T.Task, tx):

@@ -11,8 +11,9 @@ share); the median over repetitions of the mean step time:
   ``fixed_rate``      ``cgfac(learning_rate=1e-3)`` (momentum and KL clipping) with all else
                       as ``cgfac()`` resolves it (each layer's solver from
                       ``cgfac_optax.plan``, the curvature memory, ``curvature_every``,
-                      ``weight_sharing``, ``max_iters``, the damping): the step policy alone
-                      differs, a fixed rate instead of the quadratic model.
+                      ``weight_sharing`` as ``"auto"`` picks it, ``max_iters``, the damping):
+                      the step policy alone differs, a fixed rate instead of the quadratic
+                      model.
 
 and the parts of one step on one batch: ``loss_pass`` (the loss and gradients, what Adam
 computes), ``stats_pass`` (the curvature statistics: one forward pass of the curvature
@@ -52,7 +53,7 @@ CGFAC_RESOLVED = {
   "curvature_decay": 0.95,
   "refresh_every": 20,
   "curvature_every": 10,
-  "weight_sharing": "reduce",
+  "weight_sharing": "auto",
 }
 
 
@@ -69,12 +70,15 @@ ARITHMETIC = {
 
 def variants(task: T.Task, arithmetic: bool = False) -> dict[str, tuple[str, dict]]:
   """``{variant: (optimizer, settings)}``; the fixed-rate one with ``cgfac()``'s solvers."""
-  solvers = O.cgfac_plan(task).solvers()
+  plan = O.cgfac_plan(task)
+  # The fixed-rate mode has no curvature model to choose from: it gets what "auto" chose.
+  sharing = {"weight_sharing": plan.weight_sharing or "expand"}
+  fixed = {"learning_rate": 1e-3, "solver": plan.solvers(), **CGFAC_RESOLVED, **sharing}
   chosen = {
     "adam": ("adam", O.settings_for("adam", task.name)),
     "cgfac": ("cgfac", {}),
     "every_step": ("cgfac", {"curvature_every": 1}),
-    "fixed_rate": ("cgfac", {"learning_rate": 1e-3, "solver": solvers, **CGFAC_RESOLVED}),
+    "fixed_rate": ("cgfac", fixed),
   }
   extra = ARITHMETIC if arithmetic else {}
   return chosen | {name: ("cgfac", settings) for name, settings in extra.items()}

@@ -94,7 +94,9 @@ def cgfac(
     **extra)``. Defaults: ``damping=AdaptiveDamping(initial=1e-2,
     minimum=1e-5)``, ``max_iters=1`` (one warm-started iteration),
     ``curvature_decay=0.95``, ``refresh_every=20``, ``curvature_every=10``,
-    ``weight_sharing="reduce"``, ``curvature_batch_size=None`` (the stats as
+    ``weight_sharing="auto"`` (``"expand"`` when the model's outputs keep
+    positions, as a language model's do, else ``"reduce"``),
+    ``curvature_batch_size=None`` (the stats as
     given: the helpers' ``curvature_batch_size`` chooses the examples),
     ``solver="auto_memory"`` (per layer, ``"pcg"`` where its memory fits
     ``memory_limit``, else ``"sketch"``).

@@ -15,7 +15,10 @@ With ``weight_sharing="reduce"`` a layer applied at several positions (convoluti
 patches, tokens) gives one row per example: its inputs averaged and its output
 gradients summed over the positions (K-FAC-reduce, Eschenhagen et al. 2023); with
 ``"expand"`` every position is a row (K-FAC-expand, KFC's convention). See
-:func:`cgfac_optax._layers.curvature_rows`.
+:func:`cgfac_optax._layers.curvature_rows`. ``"auto"`` picks one of the two for the
+whole model from the curvature model's outputs (:func:`resolved`): ``"expand"`` when
+they keep positions, so that the loss has a term per position (a language model),
+``"reduce"`` when they are one vector per example (a classifier that pools).
 
 Each layer's curvature comes with ``ok``: the stats it read this step and its memory
 after it are finite. A layer that is not ok is skipped for the step and keeps its old
@@ -48,6 +51,33 @@ class Reading(NamedTuple):
   curvature_batch_size: int | None
   weight_sharing: str
   options: _memory.CurvatureOptions  # decay, refresh_every, sketch_rank, every
+
+
+def sharing_for(weight_sharing: str, curvature_model, params) -> str:
+  """``"expand"`` or ``"reduce"``: ``weight_sharing`` itself, or what ``"auto"`` picks.
+
+  ``"auto"`` reads the shape of the curvature model's outputs ``(examples, ..., k)``
+  (shapes only, nothing computed): with axes between the examples and the outputs, the
+  loss has a term per position and each position is a row (``"expand"``); without,
+  the positions reach the loss through the layers above (pooling, flattening) and each
+  example is one row (``"reduce"``). These are the settings in which each form is exact
+  for deep linear networks (Eschenhagen et al. 2023).
+  """
+  if weight_sharing != "auto":
+    return weight_sharing
+  if curvature_model is None:
+    raise ValueError(
+      "weight_sharing='auto' chooses from the outputs of the curvature model: pass "
+      "curvature_model= (the helpers' extra holds it), or weight_sharing='expand' or 'reduce'"
+    )
+  outputs = jax.eval_shape(curvature_model.outputs_fn, params)
+  return "expand" if outputs.ndim > 2 else "reduce"
+
+
+def resolved(reading: Reading, curvature_model, params) -> Reading:
+  """``reading`` with ``"auto"`` weight sharing resolved (:func:`sharing_for`)."""
+  sharing = sharing_for(reading.weight_sharing, curvature_model, params)
+  return reading._replace(weight_sharing=sharing)
 
 
 def read_stats(layer_stats) -> dict[str, _layers.DenseStats]:

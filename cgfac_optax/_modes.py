@@ -80,7 +80,7 @@ ADAPTIVE_DEFAULTS = {
   "refresh_every": 20,
   "curvature_batch_size": None,
   "curvature_every": 10,
-  "weight_sharing": "reduce",
+  "weight_sharing": "auto",
 }
 for _defaults in (FIXED_RATE_DEFAULTS, ADAPTIVE_DEFAULTS):
   _defaults["solver"] = default_solver(_defaults["curvature_decay"], _defaults["refresh_every"])

@@ -30,7 +30,7 @@ PRECISIONS = (None, *get_args(MatmulPrecision))
 CurvatureDtype = Literal["bfloat16"]
 CURVATURE_DTYPES = (None, *get_args(CurvatureDtype))
 
-WeightSharing = Literal["reduce", "expand"]
+WeightSharing = Literal["reduce", "expand", "auto"]
 WEIGHT_SHARINGS = get_args(WeightSharing)
 
 CGSkip = Skip
@@ -267,4 +267,9 @@ def validate(
     check_static_int("memory_limit", memory_limit, "chooses the solvers when tracing")
   _check_curvature_every(curvature_every, curvature_decay, refresh_every)
   _check_choices(weight_sharing=weight_sharing)
+  if weight_sharing == "auto" and not adaptive_step:
+    raise ValueError(
+      "weight_sharing='auto' chooses from the outputs of the curvature model, which only "
+      "adaptive_step=True reads: pass weight_sharing='expand' or 'reduce'"
+    )
   _check_choices(precision=precision, curvature_dtype=curvature_dtype, cg_skip=cg_skip)

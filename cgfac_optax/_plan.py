@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cgfac_optax import _layers, _modes, _options
+from cgfac_optax import _curvature, _layers, _modes, _options
 from cgfac_optax._layers import LayerShape
 from cgfac_optax._options import check_int, check_number, check_static_int, is_int
 from cgfac_optax._solvers import AUTO_MEMORY, SOLVERS
@@ -234,18 +234,30 @@ class FallbackParam(NamedTuple):
 
 
 class Plan(dict):
-  """``{layer path: LayerPlan}``, printed as a table; ``fallback`` lists the other parameters."""
+  """``{layer path: LayerPlan}``, printed as a table; ``fallback`` lists the other parameters.
 
-  def __init__(self, layers=(), fallback: list[FallbackParam] | None = None):
+  ``weight_sharing`` is how the layers applied at several positions make their rows
+  (``"expand"`` or ``"reduce"``; for ``"auto"`` without a curvature model, a note that
+  the rows are counted as ``"expand"``'s), ``None`` when no layer is.
+  """
+
+  def __init__(
+    self,
+    layers=(),
+    fallback: list[FallbackParam] | None = None,
+    weight_sharing: str | None = None,
+  ):
     super().__init__(layers)
     self.fallback = list(fallback or [])
+    self.weight_sharing = weight_sharing
 
   def solvers(self) -> dict[str, str]:
     """``{layer path: solver}``, accepted as ``scale_by_cgfac(solver=...)``."""
     return {p: lp.solver for p, lp in self.items()}
 
   def __str__(self) -> str:
-    return "\n".join(_layer_lines(self) + _fallback_lines(self.fallback))
+    sharing = [] if self.weight_sharing is None else ["", f"weight_sharing: {self.weight_sharing}"]
+    return "\n".join(_layer_lines(self) + sharing + _fallback_lines(self.fallback))
 
   def __repr__(self) -> str:
     return f"Plan({self.solvers()!r}, fallback={[f.path for f in self.fallback]!r})"
@@ -289,6 +301,7 @@ def plan(
   weight_sharing: str | None = None,
   memory_limit: int | None = None,
   fallback: str = "diagonal",
+  curvature_model: Any = None,
   cg_iters: int | None = None,
   data_shards: int = 1,
   flops_per_byte: float = DEFAULT_FLOPS_PER_BYTE,
@@ -311,6 +324,11 @@ def plan(
       fixed-rate mode.
     solver, max_iters, curvature_batch_size, curvature_decay, refresh_every,
       weight_sharing, memory_limit, fallback: as :func:`cgfac` takes them.
+    curvature_model: what ``weight_sharing="auto"`` (``cgfac()``'s default)
+      chooses from, as ``update`` takes it (the helpers' ``extra`` holds it).
+      Without it, layers with positions are counted with ``"expand"``'s rows
+      (the most ``"auto"`` can use), unless that changes a layer's solver:
+      then ``plan`` raises and asks for it.
     cg_iters: CG iterations assumed per step; default ``min(max_iters, 3)``,
       what the transformation assumes.
     data_shards: devices the batch is split over (data parallelism). The
@@ -366,13 +384,30 @@ def plan(
   if callable(layer_stats):  # as the helpers give them: shapes only, nothing computed
     layer_stats = jax.eval_shape(layer_stats)
   layers = _layers.match(paths, leaves, layer_stats)
-  out = Plan(fallback=_fallback_params(paths, leaves, layers, fallback))
   size, sharing = mode["curvature_batch_size"], mode["weight_sharing"]
-  for layer in layers:
-    shape = _layers.shape(layer.stats, layer.bias is not None, size, sharing)
-    costs = dict(data_shards=data_shards, flops_per_byte=flops_per_byte)
-    out[layer.path] = choose(choice, layer.path, shape, leaves[layer.kernel].dtype, **costs)
-  return out
+  costs = dict(data_shards=data_shards, flops_per_byte=flops_per_byte)
+
+  def layer_plans(sharing: str) -> dict[str, LayerPlan]:
+    out = {}
+    for layer in layers:
+      shape = _layers.shape(layer.stats, layer.bias is not None, size, sharing)
+      out[layer.path] = choose(choice, layer.path, shape, leaves[layer.kernel].dtype, **costs)
+    return out
+
+  shared = any(layer.stats.inputs.ndim > 2 for layer in layers)
+  if not shared:
+    sharing = None
+  elif sharing == "auto" and curvature_model is None:
+    # Counted as "expand", the most rows "auto" can use, where the solvers do not depend on it.
+    expand, reduce = layer_plans("expand"), layer_plans("reduce")
+    if any(expand[p].solver != reduce[p].solver for p in expand):
+      _curvature.sharing_for(sharing, None, params)  # raises: the choice needs the model
+    sharing = "auto (rows counted as 'expand'; pass curvature_model= to resolve it)"
+  else:
+    sharing = _curvature.sharing_for(sharing, curvature_model, params)
+  rows_as = "expand" if sharing and sharing.startswith("auto") else sharing or "expand"
+  fallback_params = _fallback_params(paths, leaves, layers, fallback)
+  return Plan(layer_plans(rows_as), fallback=fallback_params, weight_sharing=sharing)
 
 
 def _fallback_params(paths, leaves, layers, fallback: str) -> list[FallbackParam]:

@@ -340,7 +340,10 @@ def scale_by_cgfac(
       g^T g / examples``); ``"reduce"`` makes each example one row, its inputs
       averaged and its output gradients summed over the positions (``A`` and
       ``G`` over ``examples`` rows; Eschenhagen et al. 2023), cheaper, and exact
-      where the loss sees the positions through their mean.
+      where the loss sees the positions through their mean. ``"auto"`` (needs
+      ``adaptive_step``): ``"expand"`` when the curvature model's outputs keep
+      positions (``(examples, positions..., k)``: a loss per token or pixel),
+      else ``"reduce"``, for every layer.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -408,10 +411,12 @@ def scale_by_cgfac(
     _inputs.check(needs, dict(given, curvature_model=curvature_model))
     leaves, count = _precondition.flatten(updates, state), state.count
     gamma = _control.damping_now(damping, state.control, count)
-    solved = _precondition.solve(leaves, layer_stats, state.curvature, gamma, count, stage)
+    reading = _curvature.resolved(stage.reading, curvature_model, params)
+    now = stage._replace(reading=reading)
+    solved = _precondition.solve(leaves, layer_stats, state.curvature, gamma, count, now)
     clip = policy.scale(solved, count)
     moments = state.fallback_moment
-    pre = _precondition.write_back(solved, clip, leaves, moments, gamma, count, stage)
+    pre = _precondition.write_back(solved, clip, leaves, moments, gamma, count, now)
     inputs = StepInputs(solved, pre, leaves, clip, state, gamma, params, value, curvature_model)
     step = policy.step(inputs)
     damping_after = _control.next_damping(

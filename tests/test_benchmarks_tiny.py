@@ -102,7 +102,11 @@ def test_gpu_script_tiny_runs_the_side_by_side_and_the_step_breakdown(tmp_path, 
   damping = ADAPTIVE_DEFAULTS["damping"]
   assert fixed["damping"] == {"initial": damping.initial, "minimum": damping.minimum}
   for option, value in step_breakdown.CGFAC_RESOLVED.items():
-    assert option == "damping" or ADAPTIVE_DEFAULTS[option] == value == fixed[option], option
+    if option not in ("damping", "weight_sharing"):
+      assert ADAPTIVE_DEFAULTS[option] == value == fixed[option], option
+  # The fixed-rate mode cannot choose from a curvature model: it gets what "auto" chose.
+  assert ADAPTIVE_DEFAULTS["weight_sharing"] == step_breakdown.CGFAC_RESOLVED["weight_sharing"]
+  assert fixed["weight_sharing"] == "expand"  # the tiny autoencoder: no layer shares weights
   assert set(step_breakdown.CGFAC_RESOLVED) == set(ADAPTIVE_DEFAULTS) - {
     "solver",
     "curvature_batch_size",

@@ -218,9 +218,9 @@ def test_plan_follows_each_mode_of_cgfac():
   stats = {
     k: cgfac.DenseStats(shape(*lead, i), shape(*lead, o)) for k, (lead, i, o) in layers.items()
   }
-  adaptive = cgfac.plan(params, stats)
+  adaptive = cgfac.plan(params, stats, weight_sharing="reduce")  # cgfac() on a pooled CNN
   assert adaptive.solvers() == {"Conv_0": "pcg", "Dense_0": "pcg"}
-  assert adaptive["Conv_0"].rows == 128  # cgfac() reduces a layer's positions to one row
+  assert adaptive["Conv_0"].rows == 128  # a layer's positions reduced to one row
   fixed = cgfac.plan(params, stats, learning_rate=0.1)
   assert fixed["Conv_0"].rows == 128 * 64  # cgfac(0.1) expands them, a row each
   assert set(fixed.solvers().values()) <= {k for k, s in SOLVERS.items() if s.exact}

@@ -169,12 +169,13 @@ def test_memory_limit_decides_between_fitting_solvers():
 
 def test_curvature_batch_size_and_dtype_enter_the_plan():
   params, stats = dense(256, (4,), 100, 50, bias=False)
-  lp = cgfac.plan({"l": params}, {"l": stats}, curvature_batch_size=32)["l"]
-  assert (lp.rows, lp.d_a, lp.d_g) == (32, 100, 50)  # cgfac(): a row per example (reduce)
+  reduce = {"curvature_batch_size": 32, "weight_sharing": "reduce"}
+  lp = cgfac.plan({"l": params}, {"l": stats}, **reduce)["l"]
+  assert (lp.rows, lp.d_a, lp.d_g) == (32, 100, 50)  # a row per example
   expand = {"curvature_batch_size": 32, "weight_sharing": "expand"}
   assert cgfac.plan({"l": params}, {"l": stats}, **expand)["l"].rows == 32 * 4
   params64 = {"kernel": shape(100, 50, dtype=jnp.float64)}
-  lp64 = cgfac.plan({"l": params64}, {"l": stats}, curvature_batch_size=32)["l"]
+  lp64 = cgfac.plan({"l": params64}, {"l": stats}, **reduce)["l"]
   assert lp64.memory_bytes["cg"] == 2 * lp.memory_bytes["cg"]
 
 
@@ -186,7 +187,10 @@ def test_plan_prints_one_line_per_layer():
   text = str(p)
   print(text)
   lines = text.splitlines()
-  assert len(lines) == 3 and "solver" in lines[0]
+  # The layers, then how the conv's positions were counted: cgfac()'s "auto" without the
+  # curvature model it chooses from counts "expand"'s rows.
+  assert len(lines) == 5 and "solver" in lines[0] and not lines[3]
+  assert lines[4].startswith("weight_sharing: auto (rows counted as 'expand'")
   for line, (path, lp) in zip(lines[1:], p.items()):
     assert line.split()[:5] == [path, str(lp.rows), str(lp.d_a), str(lp.d_g), lp.solver]
   assert p.solvers() == {k: lp.solver for k, lp in p.items()}

@@ -132,5 +132,72 @@ def test_plan_counts_one_row_per_example_with_reduce():
 
 
 def test_weight_sharing_option_is_checked():
-  with pytest.raises(ValueError, match=r"weight_sharing must be one of \('reduce', 'expand'\)"):
+  with pytest.raises(
+    ValueError, match=r"weight_sharing must be one of \('reduce', 'expand', 'auto'\)"
+  ):
     cgfac.scale_by_cgfac(0.1, weight_sharing="mean")
+
+
+def _sequence_model(pooled: bool):
+  """A dense layer at every token, then a head per token or on the tokens' mean."""
+
+  def apply(params, x):
+    h = jnp.tanh(x @ params["mix"]["kernel"] + params["mix"]["bias"])
+    if pooled:
+      h = jnp.mean(h, axis=1)
+    return h @ params["head"]["kernel"]
+
+  keys = jax.random.split(jax.random.key(3), 4)
+  params = {
+    "mix": {"kernel": jax.random.normal(keys[0], (D_IN, 5)), "bias": jnp.zeros(5)},
+    "head": {"kernel": jax.random.normal(keys[1], (5, K))},
+  }
+  x = jax.random.normal(keys[2], (8, T, D_IN))
+  y = jax.random.randint(keys[3], (8,) if pooled else (8, T), 0, K)
+  return apply, params, x, y
+
+
+def _first_update(apply, params, x, y, **options):
+  loss, grads, extra = cgfac.value_grad_and_extra(apply, loss="softmax_cross_entropy")(
+    params, x, y, jax.random.key(0)
+  )
+  tx = cgfac.cgfac(**options)
+  updates, state = tx.update(grads, tx.init(params), params, **extra)
+  return updates, state[0].curvature["mix"].factors  # the chain: scale_by_cgfac first
+
+
+@pytest.mark.parametrize("pooled, picked", [(False, "expand"), (True, "reduce")])
+def test_auto_picks_expand_for_a_loss_per_position_and_reduce_for_a_pooled_one(pooled, picked):
+  apply, params, x, y = _sequence_model(pooled)
+  auto, auto_factors = _first_update(apply, params, x, y)  # cgfac()'s default: "auto"
+  same, same_factors = _first_update(apply, params, x, y, weight_sharing=picked)
+  other = "reduce" if picked == "expand" else "expand"
+  _, other_factors = _first_update(apply, params, x, y, weight_sharing=other)
+  jax.tree.map(np.testing.assert_array_equal, (auto, auto_factors), (same, same_factors))
+  assert not np.allclose(auto_factors.a, other_factors.a)
+  # The plan reads the same outputs and says which form it counted the rows with.
+  extra = cgfac.value_grad_and_extra(apply)(params, x, y, jax.random.key(0))[2]
+  stats = jax.eval_shape(extra["layer_stats"])
+  plan = cgfac.plan(params, stats, curvature_model=extra["curvature_model"])
+  assert plan.weight_sharing == picked
+  assert plan["mix"].rows == (8 * T if picked == "expand" else 8)
+  assert f"weight_sharing: {picked}" in str(plan)
+
+
+def test_auto_needs_the_curvature_model():
+  with pytest.raises(ValueError, match=r"weight_sharing='auto'.*adaptive_step=True"):
+    cgfac.cgfac(0.1, weight_sharing="auto")  # the fixed-rate mode has no curvature model
+  with pytest.raises(ValueError, match=r"weight_sharing='auto'.*adaptive_step=True"):
+    cgfac.scale_by_cgfac(0.1, weight_sharing="auto")
+  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  params = {"conv": {"kernel": shape(3, 3, 8, 16), "bias": shape(16)}}
+  stats = {"conv": cgfac.DenseStats(shape(32, 14, 14, 72), shape(32, 14, 14, 16))}
+  # cgfac()'s default: without the model the rows are counted as "expand"'s, the most...
+  plan = cgfac.plan(params, stats)
+  assert plan["conv"].rows == 32 * 14 * 14 and plan.weight_sharing.startswith("auto (rows")
+  # ...unless the solver depends on the rows (batch-only curvature: "auto" picks by cost).
+  with pytest.raises(ValueError, match=r"weight_sharing='auto'.*pass curvature_model="):
+    cgfac.plan(params, stats, curvature_decay=0.0, refresh_every=1)
+  dense = {"dense": cgfac.DenseStats(shape(32, 72), shape(32, 16))}
+  plan = cgfac.plan({"dense": params["conv"]}, dense)  # no positions: nothing to choose
+  assert plan.weight_sharing is None and "weight_sharing" not in str(plan)
