@@ -10,8 +10,7 @@ page is typed by hand: rerun a benchmark, then this script (``make benchmarks-pa
 
 The expected results (one ``time_to_target.json`` per task of ``benchmarks/tasks.py``, and
 ``step_breakdown/step_breakdown.json``) that are missing are named on the page and printed.
-A ``time_to_target.py`` file written by an earlier version of the script is read, and said so;
-any other JSON shows the markdown tables it stores (or, if none, its keys).
+Any other JSON shows the markdown tables it stores (or, if none, its keys).
 
   python docs/benchmarks_page.py                  # from benchmarks/results/
   python docs/benchmarks_page.py --results DIR --page PAGE --static DIR
