@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cgfac_optax import _finite, _layers, _memory
+from cgfac_optax import _finite, _jaxpr, _layers, _memory
 from cgfac_optax._layers import Layer
 from cgfac_optax._solvers import Solver
 
@@ -78,6 +78,19 @@ def resolved(reading: Reading, curvature_model, params) -> Reading:
   """``reading`` with ``"auto"`` weight sharing resolved (:func:`sharing_for`)."""
   sharing = sharing_for(reading.weight_sharing, curvature_model, params)
   return reading._replace(weight_sharing=sharing)
+
+
+def _in_a_branch(layer_stats):
+  """``layer_stats`` as it should run inside a ``lax.cond`` branch on this platform.
+
+  On CPU the function's convolutions get the layout XLA runs fast there, which it
+  gives them itself only outside branches and loops
+  (:func:`cgfac_optax._jaxpr.channels_last_convolutions`): the stats pass's backward
+  convolutions of a ResNet otherwise cost several times the same pass run unconditionally.
+  """
+  if not callable(layer_stats) or jax.default_backend() != "cpu":
+    return layer_stats
+  return _jaxpr.channels_last_convolutions(layer_stats)
 
 
 def read_stats(layer_stats) -> dict[str, _layers.DenseStats]:
@@ -172,7 +185,7 @@ def stage(
     stats = read_stats(layer_stats)
     stats_of = lambda: stats
   else:
-    stats_of = lambda: read_stats(layer_stats)
+    stats_of = lambda: read_stats(_in_a_branch(layer_stats))
   pick = lambda idx, xs: [xs[i] for i in idx]
   new, ok = _with_memory(
     *(pick(kept, xs) for xs in (layers, methods)),

@@ -89,3 +89,63 @@ def walk(jaxpr, consts: Sequence, args: Sequence, step: Step, loc: tuple[int, ..
     outs = step(eqn, [read(v) for v in eqn.invars], (*loc, i))
     env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
+
+
+# Calls that are plain function calls (no custom differentiation rule): safe to inline.
+_PLAIN_CALLS = ("jit", "pjit", "closed_call", "remat2")
+
+
+def channels_last_convolutions(fn: Callable) -> Callable:
+  """``fn`` with every convolution it runs given the layout XLA's CPU backend runs fast.
+
+  Reverse-mode differentiation writes a convolution's input and kernel gradients as
+  convolutions with the features and the examples, or the kernel's input and output
+  features, swapped. XLA:CPU rewrites such convolutions to the batch-first,
+  channels-last layout with an ``HWIO`` kernel before running them, but only in the
+  program's top level: inside a ``lax.cond`` branch or a loop body they run as written,
+  7 to 16 times slower. The returned function evaluates ``fn``'s program with each
+  convolution's operands transposed to that layout and its result transposed back
+  (the same numbers; transposes are cheap beside the product). Plain calls are inlined
+  so that the convolutions inside them are rewritten too; a call with a custom
+  differentiation rule runs as it is.
+  """
+
+  def step(eqn, invals, loc):
+    sub = called(eqn) if eqn.primitive.name in _PLAIN_CALLS else None
+    if sub is not None:
+      return walk(sub[0], sub[1], invals, step, loc)
+    if eqn.primitive.name == "conv_general_dilated":
+      return [_channels_last_convolution(eqn, *invals)]
+    return bind(eqn, invals)
+
+  def run(*args):
+    closed, shapes = trace(fn, *args)
+    outs = walk(closed.jaxpr, closed.consts, jax.tree.leaves(args), step)
+    return jax.tree.unflatten(jax.tree.structure(shapes), outs)
+
+  return run
+
+
+def _channels_last_convolution(eqn, lhs, rhs):
+  """One ``conv_general_dilated`` equation run with ``(N, spatial..., C)`` input and output
+  and a ``(spatial..., in, out)`` kernel."""
+  dn = eqn.params["dimension_numbers"]
+  n = len(dn.lhs_spec) - 2
+  lhs_perm = (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1])
+  rhs_perm = (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0])
+  spatial = tuple(range(1, n + 1))
+  canonical = jax.lax.ConvDimensionNumbers(
+    lhs_spec=(0, n + 1, *spatial), rhs_spec=(n + 1, n, *range(n)), out_spec=(0, n + 1, *spatial)
+  )
+  identity = tuple(range(n + 2))
+  if lhs_perm == rhs_perm == identity and tuple(dn.out_spec) == canonical.out_spec:
+    return bind(eqn, [lhs, rhs])[0]
+  params = dict(eqn.params, dimension_numbers=canonical)
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(
+      jax.numpy.transpose(lhs, lhs_perm), jax.numpy.transpose(rhs, rhs_perm), **params
+    )
+  # The result's axes are (batch, spatial..., feature); out_spec says where each one goes.
+  source = {dn.out_spec[0]: 0, dn.out_spec[1]: n + 1}
+  source.update({dn.out_spec[2 + k]: 1 + k for k in range(n)})
+  return jax.numpy.transpose(out, [source[axis] for axis in range(n + 2)])
