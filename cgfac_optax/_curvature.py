@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cgfac_optax import _finite, _jaxpr, _layers, _memory
+from cgfac_optax import _finite, _jaxpr, _layers, _memory, _quadratic
 from cgfac_optax._layers import Layer
 from cgfac_optax._solvers import Solver
 
@@ -70,7 +70,7 @@ def sharing_for(weight_sharing: str, curvature_model, params) -> str:
       "weight_sharing='auto' chooses from the outputs of the curvature model: pass "
       "curvature_model= (the helpers' extra holds it), or weight_sharing='expand' or 'reduce'"
     )
-  outputs = jax.eval_shape(curvature_model.outputs_fn, params)
+  outputs = jax.eval_shape(_quadratic.checked(curvature_model).outputs_fn, params)
   return "expand" if outputs.ndim > 2 else "reduce"
 
 

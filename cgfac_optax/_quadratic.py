@@ -88,6 +88,16 @@ class CurvatureModel(_CurvatureModelFields):
     return super().__new__(cls, outputs_fn, loss)
 
 
+def checked(model: Any) -> CurvatureModel:
+  """``model``, if it is a :class:`CurvatureModel`; else a ``TypeError`` that says what it is."""
+  if not isinstance(model, CurvatureModel):
+    raise TypeError(
+      "curvature_model must be a cgfac_optax.CurvatureModel(outputs_fn, loss), "
+      f"got {type(model).__name__}"
+    )
+  return model
+
+
 def gram(model: CurvatureModel, params: Params, vectors: Sequence[Params]) -> jax.Array:
   """The ``(k, k)`` matrix ``C_ij = u_i^T F u_j`` of the exact Fisher of the mean loss.
 

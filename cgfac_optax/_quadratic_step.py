@@ -112,12 +112,7 @@ def quadratic_step(out, grads, previous, params, model, gamma, treedef, value=No
 
 
 def _step(inputs: StepInputs) -> Step:
-  model = inputs.curvature_model
-  if not isinstance(model, _quadratic.CurvatureModel):
-    raise TypeError(
-      "curvature_model must be a cgfac_optax.CurvatureModel(outputs_fn, loss), "
-      f"got {type(model).__name__}"
-    )
+  model = _quadratic.checked(inputs.curvature_model)
   state, grads = inputs.state, inputs.leaves.grads
   step = quadratic_step(
     inputs.pre.out,
