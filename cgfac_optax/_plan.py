@@ -394,20 +394,18 @@ def plan(
       out[layer.path] = choose(choice, layer.path, shape, leaves[layer.kernel].dtype, **costs)
     return out
 
-  shared = any(layer.stats.inputs.ndim > 2 for layer in layers)
-  if not shared:
-    sharing = None
-  elif sharing == "auto" and curvature_model is None:
+  fallback_params = _fallback_params(paths, leaves, layers, fallback)
+  if not any(layer.stats.inputs.ndim > 2 for layer in layers):  # no positions: nothing to choose
+    return Plan(layer_plans("expand"), fallback=fallback_params)
+  if sharing == "auto" and curvature_model is None:
     # Counted as "expand", the most rows "auto" can use, where the solvers do not depend on it.
     expand, reduce = layer_plans("expand"), layer_plans("reduce")
     if any(expand[p].solver != reduce[p].solver for p in expand):
       _curvature.sharing_for(sharing, None, params)  # raises: the choice needs the model
-    sharing = "auto (rows counted as 'expand'; pass curvature_model= to resolve it)"
-  else:
-    sharing = _curvature.sharing_for(sharing, curvature_model, params)
-  rows_as = "expand" if sharing and sharing.startswith("auto") else sharing or "expand"
-  fallback_params = _fallback_params(paths, leaves, layers, fallback)
-  return Plan(layer_plans(rows_as), fallback=fallback_params, weight_sharing=sharing)
+    note = "auto (rows counted as 'expand'; pass curvature_model= to resolve it)"
+    return Plan(expand, fallback=fallback_params, weight_sharing=note)
+  sharing = _curvature.sharing_for(sharing, curvature_model, params)
+  return Plan(layer_plans(sharing), fallback=fallback_params, weight_sharing=sharing)
 
 
 def _fallback_params(paths, leaves, layers, fallback: str) -> list[FallbackParam]:
