@@ -14,11 +14,18 @@ skips says why, in the output and in the JSON's ``skipped``. Each task's JSON an
 
   python benchmarks/time_to_target.py --tasks resnet --tune   # ~45 min per task on 2 cores
   python benchmarks/time_to_target.py --tiny                  # a seconds-long check
+
+``--settings NAME=JSON`` runs one optimizer with the given settings in place of its default
+(``SETTINGS`` in ``optimizers.py``), e.g. an option of ``cgfac()`` at equal steps with Adam:
+
+  python benchmarks/time_to_target.py --tasks transformer --optimizers adam cgfac --seeds 1 \\
+    --budget 600 --max-steps 400 --settings 'cgfac={"curvature_every": 1, "damping": 0.001}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -76,7 +83,7 @@ def run_optimizer(task: T.Task, name: str, args) -> dict:
       print(f"  {mark} tune {name} {H.brief(r['settings'])}: {final_loss(r):.4g}", flush=True)
     settings = chosen["settings"]
   else:
-    settings = settings_for(name, task.name)
+    settings = args.settings.get(name, settings_for(name, task.name))
   out["settings"] = settings
   out["runs"] = runs([settings], seeds, args.budget)
   for r in out["runs"]:
@@ -166,10 +173,39 @@ def parse_args(argv=None):
   kfac_jax_runner.add_arguments(parser)
   parser.add_argument("--out", type=Path, default=H.RESULTS, help="writes <out>/<task>/")
   parser.add_argument("--tiny", action="store_true", help="tiny data and models, seconds-long")
+  parser.add_argument(
+    "--settings",
+    action="append",
+    default=[],
+    metavar="NAME=JSON",
+    help="run optimizer NAME with these settings (a JSON object) instead of its default",
+  )
   args = parser.parse_args(argv)
+  args.settings = _given_settings(parser, args)
   if args.tiny:
     args.budget, args.tune_budget, args.seeds, args.evals, args.max_steps = 0.5, 0.2, 1, 4, 6
   return args
+
+
+def _given_settings(parser, args) -> dict[str, dict]:
+  """``--settings``' ``NAME=JSON`` pairs as ``{name: settings}``, each checked."""
+  out = {}
+  for given in args.settings:
+    name, _, text = given.partition("=")
+    if name not in O.OPTIMIZERS:
+      parser.error(f"--settings {given!r}: {name!r} is not one of {', '.join(O.OPTIMIZERS)}")
+    try:
+      settings = json.loads(text)
+    except json.JSONDecodeError as e:
+      parser.error(f"--settings {given!r}: the settings are not JSON ({e})")
+    if not isinstance(settings, dict):
+      parser.error(f"--settings {given!r}: the settings must be a JSON object, got {text}")
+    if name in out:
+      parser.error(f"--settings names {name!r} twice")
+    out[name] = settings
+  if out and args.tune:
+    parser.error("--settings and --tune exclude each other: --tune picks the settings")
+  return out
 
 
 def main(argv=None) -> dict:

@@ -285,6 +285,44 @@ def test_tuning_keeps_the_setting_with_the_lowest_final_loss(monkeypatch, capsys
   assert len(optimizers.grid_for("cgfac", "resnet")) == 3
 
 
+def test_given_settings_replace_one_optimizers_default(monkeypatch, capsys):
+  import tasks
+  import time_to_target
+
+  seen = []
+
+  def one_run(task, name, settings, seed, budget, args):
+    seen.append((name, settings))
+    curve = {"time": [0.0, budget], "steps": [0, 3], "loss": [5.0, 1.0]}
+    return {"curve": curve, "diverged": False, "steps": 3, "seed": seed,
+            "settings": settings, "step_s_mean": 0.1, "compile_s": 1.0}  # fmt: skip
+
+  monkeypatch.setattr(time_to_target, "one_run", one_run)
+  given = 'cgfac={"curvature_every": 1, "damping": 0.001}'
+  args = time_to_target.parse_args(["--seeds", "1", "--settings", given])
+  task = tasks.Task("autoencoder", *[None] * 8)
+  for name in ("adam", "cgfac"):
+    time_to_target.run_optimizer(task, name, args)
+  cgfac = {"curvature_every": 1, "damping": 1e-3}
+  assert seen == [("adam", {"learning_rate": 3e-4}), ("cgfac", cgfac)]
+
+  refused = {
+    "muon=": "not JSON",
+    "muon=[0.02]": "must be a JSON object",
+    "sgd={}": "'sgd' is not one of",
+  }
+  for given, message in refused.items():
+    with pytest.raises(SystemExit):
+      time_to_target.parse_args(["--settings", given])
+    assert message in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    time_to_target.parse_args(["--tune", "--settings", "adam={}"])
+  assert "--settings and --tune exclude each other" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    time_to_target.parse_args(["--settings", "adam={}", "--settings", "adam={}"])
+  assert "names 'adam' twice" in capsys.readouterr().err
+
+
 def test_every_tuning_setting_of_cgfac_builds_its_optimizer():
   # The --tune runs are long; a setting the library refuses must fail here, not after an hour.
   import jax.numpy as jnp
