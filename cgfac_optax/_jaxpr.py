@@ -7,7 +7,9 @@ it sits (a ``jax.jit`` inside the model is ``pjit`` in older releases and
 holding ``fun_jaxpr``), how to bind an equation again (``get_bind_params``
 returned ``(subfuns, params)``, now the params alone), and one loop that walks
 a jaxpr with any step function, so that the matcher's analysis and the
-capture's interpreter read the program the same way.
+capture's interpreter read the program the same way. The same walk reruns a
+program with its convolutions in XLA:CPU's fast layout
+(:func:`channels_last_convolutions`).
 """
 
 from __future__ import annotations
@@ -91,8 +93,8 @@ def walk(jaxpr, consts: Sequence, args: Sequence, step: Step, loc: tuple[int, ..
   return [read(v) for v in jaxpr.outvars]
 
 
-# Calls that are plain function calls (no custom differentiation rule): safe to inline.
-_PLAIN_CALLS = ("jit", "pjit", "closed_call", "remat2")
+# The calls that are plain function calls (no custom differentiation rule): safe to inline.
+_PLAIN_CALLS = tuple(name for name in CALLS if not name.startswith("custom_"))
 
 
 def channels_last_convolutions(fn: Callable) -> Callable:

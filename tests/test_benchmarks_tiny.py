@@ -261,6 +261,13 @@ def test_kfac_jax_skips_the_transformer_saying_why(tmp_path):
   assert "no kfac-jax venv" in kfac_jax_runner.skip_reason("autoencoder", args)
 
 
+def _three_step_run(settings: dict, seed: int, budget: float, final: float) -> dict:
+  """What ``time_to_target.one_run`` returns for a run of 3 steps from loss 5 to ``final``."""
+  curve = {"time": [0.0, budget], "steps": [0, 3], "loss": [5.0, final]}
+  return {"curve": curve, "diverged": not math.isfinite(final), "steps": 3, "seed": seed,
+          "settings": settings, "step_s_mean": 0.1, "compile_s": 1.0}  # fmt: skip
+
+
 def test_tuning_keeps_the_setting_with_the_lowest_final_loss(monkeypatch, capsys):
   import optimizers
   import tasks
@@ -269,10 +276,7 @@ def test_tuning_keeps_the_setting_with_the_lowest_final_loss(monkeypatch, capsys
   finals = {3e-4: 2.0, 1e-3: 1.0, 3e-3: math.nan}  # a diverged setting counts as worst
 
   def one_run(task, name, settings, seed, budget, args):
-    loss = finals[settings["learning_rate"]]
-    curve = {"time": [0.0, budget], "steps": [0, 3], "loss": [5.0, loss]}
-    return {"curve": curve, "diverged": not math.isfinite(loss), "steps": 3, "seed": seed,
-            "settings": settings, "step_s_mean": 0.1, "compile_s": 1.0}  # fmt: skip
+    return _three_step_run(settings, seed, budget, finals[settings["learning_rate"]])
 
   monkeypatch.setattr(time_to_target, "one_run", one_run)
   args = time_to_target.parse_args(["--tune", "--seeds", "2", "--optimizers", "adam"])
@@ -293,9 +297,7 @@ def test_given_settings_replace_one_optimizers_default(monkeypatch, capsys):
 
   def one_run(task, name, settings, seed, budget, args):
     seen.append((name, settings))
-    curve = {"time": [0.0, budget], "steps": [0, 3], "loss": [5.0, 1.0]}
-    return {"curve": curve, "diverged": False, "steps": 3, "seed": seed,
-            "settings": settings, "step_s_mean": 0.1, "compile_s": 1.0}  # fmt: skip
+    return _three_step_run(settings, seed, budget, 1.0)
 
   monkeypatch.setattr(time_to_target, "one_run", one_run)
   given = 'cgfac={"curvature_every": 1, "damping": 0.001}'

@@ -130,9 +130,9 @@ def test_cgfac_reads_the_stats_of_a_cnn_in_a_branch_with_canonical_convolutions(
     _, grads, extra = fn(params, x, y, jax.random.key(0))
     return tx.update(grads, state, params, **extra)
 
-  hlo = jax.jit(step).lower(params, tx.init(params)).compile().as_text()
-  labels = re.findall(r"dim_labels=(\S+?),", hlo)
+  compiled = jax.jit(step).lower(params, tx.init(params)).compile()
+  labels = re.findall(r"dim_labels=(\S+?),", compiled.as_text())
   # The loss pass (top level, canonicalized by XLA) and the stats pass in the branch.
   assert len(labels) >= 8 and set(labels) == {CANONICAL[2]}, labels
-  updates, state = jax.jit(step)(params, tx.init(params))
+  updates, state = compiled(params, tx.init(params))
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
