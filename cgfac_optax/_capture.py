@@ -35,7 +35,12 @@ dropped.
 Stats per example: row ``j`` of a layer's output gradients is the gradient of
 example ``j``'s own loss (not of the batch mean), times ``sqrt(k w_j / W)``
 with weights (``W`` the sum of the ``k`` examples' weights), so that ``G`` is
-their weighted mean.
+their weighted mean. Where the outputs have ``P`` positions (a language model's
+tokens), an example's loss is the mean of its positions' losses, whose gradients
+carry ``1/P``; the rows are then multiplied by ``sqrt(P)`` as well, so that
+``G`` is the mean over positions of their output Fisher, as in the curvature of
+the loss itself (the quadratic model's), and not ``1/P`` of it. The damping then
+means the same thing with and without positions.
 """
 
 from __future__ import annotations
@@ -266,6 +271,11 @@ def _assemble(recorder: Recorder, inputs, output_grads, params, examples: int):
   return _nest(stats)
 
 
+def _positions(outputs: jax.Array) -> int:
+  """How many positions each example's outputs ``(examples, ..., k)`` have (1 for none)."""
+  return outputs.size // (outputs.shape[0] * outputs.shape[-1]) if outputs.size else 1
+
+
 class _Curvature(NamedTuple):
   """What the stats pass reads: the examples, their targets and weights, the key."""
 
@@ -295,6 +305,8 @@ def stats(model: Model, params, data: _Curvature, shapes: Recorder, kind, fisher
   if fisher == "sampled":
     targets = jax.lax.stop_gradient(kind.sample(data.rng, outputs))
   scale = _example_scale(data.weights, outputs.dtype)
+  if (positions := _positions(outputs)) > 1:  # module docstring: G is then the loss's curvature
+    scale = scale * math.sqrt(positions)
   cotangent = jax.grad(lambda y: jnp.sum(scale * kind.per_example(y, targets)))(outputs)
   (output_grads,) = pullback(cotangent)
   return _assemble(recorder, inputs, output_grads, params, data.examples)

@@ -43,7 +43,11 @@ class DenseStats(NamedTuple):
     output_grads: the gradients of the *per-example* loss with respect to the
       layer outputs ``g``, shape ``(examples, ..., d_out)``. If the training
       loss is a batch mean, these are ``examples`` times the gradient a
-      backward pass of the mean loss gives.
+      backward pass of the mean loss gives. If an example's loss is the mean
+      of the losses at ``P`` positions of its outputs (a language model's
+      tokens), multiply them by ``sqrt(P)`` as well (the helpers do): ``G``
+      is then the mean of the positions' output Fisher, the curvature of the
+      loss itself, instead of ``1/P`` of it.
   """
 
   inputs: jax.Array

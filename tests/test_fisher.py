@@ -104,13 +104,15 @@ def test_sampled_fisher_matches_output_fisher(x64, kind):
 
 
 def test_sampled_fisher_over_positions(x64):
-  """Outputs ``(B, T, k)``: the per-example loss averages positions, so g carries ``1/T``."""
+  """Outputs ``(B, T, k)``: the per-example loss averages positions, so its gradient carries
+  ``1/T``; the capture's ``g`` is ``sqrt(T)`` times it, so that ``G`` is the mean of the positions'
+  output Fisher (the loss's own curvature), not ``1/T`` of it."""
   model, b, t_len = MLP(out=3), 2, 3
   x = jax.random.normal(jax.random.key(0), (b, t_len, 3), F64)
   params = jax.jit(model.init)(jax.random.key(1), x)["params"]
   samples = monte_carlo_g(model, params, x, "softmax_cross_entropy")
   fisher = output_fisher("softmax_cross_entropy", model.apply({"params": params}, x))
-  analytic = fisher.sum((0, 1)) / (b * t_len**2)
+  analytic = fisher.sum((0, 1)) / (b * t_len)
   assert_matches(samples["head"], analytic)
 
 

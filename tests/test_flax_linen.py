@@ -65,11 +65,15 @@ class MLP(nn.Module):
     return nn.DenseGeneral(4, param_dtype=F64)(x)
 
 
-def check_per_example(stats, grads, pe_grads, path, examples, tol=1e-6):
-  """Captured ``a_j g_j^T`` (summed over positions) equals each per-example gradient."""
+def check_per_example(stats, grads, pe_grads, path, examples, tol=1e-6, loss_positions=1):
+  """Captured ``a_j g_j^T`` (summed over positions) equals each per-example gradient.
+
+  With ``P = loss_positions`` positions in the model's outputs the captured ``g`` carries
+  ``sqrt(P)`` on top (see ``cgfac_optax._capture``), taken off here.
+  """
   s = stats[path] if isinstance(path, str) else stats[path[0]][path[1]]
   a = s.inputs.reshape(examples, -1, s.inputs.shape[-1])
-  g = s.output_grads.reshape(examples, -1, s.output_grads.shape[-1])
+  g = s.output_grads.reshape(examples, -1, s.output_grads.shape[-1]) / np.sqrt(loss_positions)
   pe_kernel = jnp.einsum("bti,bto->bio", a, g)
   ref = pe_grads[path] if isinstance(path, str) else pe_grads[path[0]][path[1]]
   np.testing.assert_allclose(pe_kernel, ref["kernel"].reshape(pe_kernel.shape), atol=tol)
@@ -128,7 +132,7 @@ def test_sequence_and_dense_general(x64):
   assert stats["DenseGeneral_1"].inputs.shape == (b, t_len, 6)
   pe = per_example_grads(model, params, x, t, "softmax_cross_entropy")
   for path in stats:
-    check_per_example(stats, grads, pe, path, b)
+    check_per_example(stats, grads, pe, path, b, loss_positions=t_len)
 
 
 class Shared(nn.Module):

@@ -54,12 +54,15 @@ def per_example_grads(model, x, t):
   return jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0, 0)))(params, x, t)
 
 
-def check_layer(stats, pe, grads, path, examples, tol=1e-6):
+def check_layer(stats, pe, grads, path, examples, tol=1e-6, loss_positions=1):
+  """Captured ``a_j g_j^T`` (summed over positions) equals each per-example gradient; ``g``
+  carries ``sqrt(loss_positions)``, the outputs' positions (see ``cgfac_optax._capture``)."""
   node_s, node_p, node_g = stats, pe, grads
   for name in path:
     node_s, node_p, node_g = node_s[name], node_p[name], node_g[name]
   a = node_s.inputs.reshape(examples, -1, node_s.inputs.shape[-1])
   g = node_s.output_grads.reshape(examples, -1, node_s.output_grads.shape[-1])
+  g = g / np.sqrt(loss_positions)
   pe_kernel = jnp.einsum("bti,bto->bio", a, g)
   np.testing.assert_allclose(pe_kernel, node_p["kernel"][...], atol=tol)
   np.testing.assert_allclose(pe_kernel.mean(0), node_g["kernel"][...], atol=tol)
@@ -107,8 +110,8 @@ def test_sequence_and_shared_layer(x64):
   assert stats["shared"].inputs.shape == (b, 2 * t_len, 3)  # both calls' positions
   np.testing.assert_allclose(stats["shared"].inputs[:, :t_len], x)
   pe = per_example_grads(model, x, t)
-  check_layer(stats, pe, grads, ("shared",), b)
-  check_layer(stats, pe, grads, ("head",), b)
+  check_layer(stats, pe, grads, ("shared",), b, loss_positions=t_len)
+  check_layer(stats, pe, grads, ("head",), b, loss_positions=t_len)
 
 
 class Remat(nnx.Module):
@@ -324,7 +327,7 @@ def test_attention_linear_general_and_dense_einsum_are_captured(x64):
       s, p = s[name], p[name]
     d_in, d_out = s.inputs.shape[-1], s.output_grads.shape[-1]
     a = s.inputs.reshape(b, -1, d_in)
-    g = s.output_grads.reshape(b, -1, d_out)
+    g = s.output_grads.reshape(b, -1, d_out) / np.sqrt(5)  # the outputs' 5 positions
     # The kernel (in axes..., out axes...) as (d_in, d_out), per example.
     want = p["kernel"][...].reshape(b, d_in, d_out)
     # Query and key reach the loss through the attention's softmax, whose per-example and

@@ -159,6 +159,12 @@ def per_example_loss(outputs, targets):
   return losses.reshape(outputs.shape[0], -1).mean(1)
 
 
+def loss_positions(apply_fn, params, x) -> int:
+  """Positions per example in the outputs; the capture scales ``g`` by their square root."""
+  out = jax.eval_shape(apply_fn, params, x)
+  return out.size // (out.shape[0] * out.shape[-1])
+
+
 def per_example_grads(apply_fn, params, x, t):
   loss = lambda p, xj, tj: per_example_loss(apply_fn(p, xj[None]), tj[None])[0]
   return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0)))(params, x, t)
@@ -192,9 +198,10 @@ def run(fn, params, x, t, key=None, **kwargs):
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("name", MODELS)
 def test_rows_give_each_examples_gradient(name):
-  """Per example, ``sum_positions a g^T`` is its kernel gradient and ``sum g`` its bias gradient;
-  their means are the batch gradient ``fn`` returns."""
+  """Per example, ``sum_positions a g^T`` is its kernel gradient and ``sum g`` its bias gradient
+  (``g`` over the square root of the outputs' positions); their means are the batch gradient."""
   apply_fn, params, x, t = _problem(name)
+  root = np.sqrt(loss_positions(apply_fn, params, x))
   fn = cgfac.value_grad_and_extra(apply_fn, fisher="empirical")
   loss, grads, stats = jax.tree.map(np.asarray, run(fn, params, x, t))
   per_example = jax.tree.map(np.asarray, per_example_grads(apply_fn, params, x, t))
@@ -204,6 +211,7 @@ def test_rows_give_each_examples_gradient(name):
   b = x.shape[0]
   for layer, s in stats.items():
     a, g = (v.reshape(b, -1, v.shape[-1]) for v in s)
+    g = g / root
     kernel = np.einsum("bri,bro->bio", a, g)
     want = per_example[layer]["kernel"].reshape(kernel.shape)
     np.testing.assert_allclose(kernel, want, rtol=1e-9, atol=1e-12)
@@ -216,8 +224,9 @@ def test_rows_give_each_examples_gradient(name):
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("name", MODELS)
 def test_factors_match_the_explicit_empirical_fisher(name):
-  """``A = a^T a / rows`` (with the bias column) and ``G = g^T g / B`` from the hand-made rows and
-  per-example Jacobians, every use of a layer side by side."""
+  """``A = a^T a / rows`` (with the bias column) and ``G = P g^T g / B`` from the hand-made rows
+  and per-example Jacobians, every use of a layer side by side (``P``: positions per example in
+  the outputs, whose losses each example's loss averages)."""
   apply_fn, params, x, t = _problem(name)
   fn = cgfac.value_grad_and_extra(apply_fn, fisher="empirical")
   _, _, stats = run(fn, params, x, t)
@@ -231,7 +240,8 @@ def test_factors_match_the_explicit_empirical_fisher(name):
     g = np.concatenate([v.reshape(-1, d_out) for v in grads[layer]])
     big_a, big_g = oracles.factors(s.inputs, s.output_grads, bias=True)
     np.testing.assert_allclose(big_a, a.T @ a / a.shape[0], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(big_g, g.T @ g / b, rtol=1e-10, atol=1e-12)
+    positions = loss_positions(apply_fn, params, x)
+    np.testing.assert_allclose(big_g, positions * g.T @ g / b, rtol=1e-10, atol=1e-12)
 
 
 def _assert_monte_carlo(samples, analytic):

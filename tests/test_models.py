@@ -40,12 +40,14 @@ def _per_example_ce(logits, labels):
   return ce.reshape(ce.shape[0], -1).mean(1)
 
 
-def _assert_stats_reproduce_per_example_grads(stats, per_example, paths):
+def _assert_stats_reproduce_per_example_grads(stats, per_example, paths, loss_positions=1):
+  """Each example's ``sum_r a_r g_r^T`` is its gradient; with ``P`` positions in the outputs,
+  ``g`` carries ``sqrt(P)`` on top (see ``cgfac_optax._capture``)."""
   for path in paths:
     s = _leaf(stats, path)
     kernel = _leaf(per_example, path)["kernel"]
     a = s.inputs.reshape(s.inputs.shape[0], -1, s.inputs.shape[-1])
-    g = s.output_grads.reshape(a.shape[0], a.shape[1], -1)
+    g = s.output_grads.reshape(a.shape[0], a.shape[1], -1) / np.sqrt(loss_positions)
     np.testing.assert_allclose(
       jnp.einsum("bri,bro->bio", a, g).reshape(kernel.shape), kernel, rtol=1e-9, atol=1e-12
     )
@@ -150,10 +152,10 @@ class TokenMLP(nn.Module):
 def test_sequence_dense_capture_reproduces_per_example_gradients_summed_over_tokens():
   """Rows are the B*T tokens; each example's gradient is the sum of its tokens' ``a g^T``.
 
-  The capture's per-example loss averages the T token losses, so its ``g`` is ``1/T`` of the
-  gradient of kfac-jax's summed loss and ``G`` is ``1/T^2`` of kfac-jax's: the same Fisher of a
-  loss scaled by ``1/T`` (``tests/test_sequence.py`` checks the normalisation of both against the
-  exact Fisher), with a damping that means ``T^2`` times more.
+  The per-example loss averages the T token losses, so its gradient is ``1/T`` of that of
+  kfac-jax's summed loss; the capture's ``g`` is ``sqrt(T)`` times it, so that ``G`` is ``1/T``
+  of kfac-jax's: the curvature of a loss ``T`` times smaller (``tests/test_sequence.py`` checks
+  it against the loss's exact Fisher), with a damping that means ``T`` times more.
   """
   b, t = 3, 5
   x = jax.random.normal(jax.random.key(0), (b, t, 2))
@@ -168,7 +170,7 @@ def test_sequence_dense_capture_reproduces_per_example_gradients_summed_over_tok
     return _per_example_ce(model.apply({"params": p}, xj[None]), yj[None])[0]
 
   per_example = jax.jit(jax.vmap(jax.grad(example_loss), (None, 0, 0)))(params, x, y)
-  _assert_stats_reproduce_per_example_grads(stats, per_example, ["hidden", "out"])
+  _assert_stats_reproduce_per_example_grads(stats, per_example, ["hidden", "out"], t)
 
 
 # -- training: a CNN on digits and a transformer block on a toy sequence task ----------------

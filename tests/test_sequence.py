@@ -4,9 +4,11 @@ With ``rows = B T`` token rows, ``A = a^T a / (B T)`` and ``G = g^T g / B``, whe
 gradient of the per-example loss (all of an example's tokens) with respect to each token's
 output. This is kfac-jax's ``RepeatedDenseKroneckerFactored`` (both factors summed over tokens
 and divided by ``B``, the block scaled by ``1 / T``), and the K-FAC-expand of Eschenhagen et al.
-(2023). The oracle here is the exact Fisher of a tiny model, by enumerating every target
-sequence: where K-FAC-expand is exact (tokens share one output-gradient covariance), the block
-equals it, whether the per-example loss sums or averages its tokens.
+(2023). The oracle here is the exact Fisher of a tiny model: where K-FAC-expand is exact (tokens
+share one output-gradient covariance), the block equals it. For a per-example loss that sums its
+tokens that holds with ``g`` the loss's gradient; for one that averages them (the library's
+losses) the capture multiplies ``g`` by ``sqrt(T)``, and the block equals the curvature of that
+loss (its Gauss-Newton matrix ``J^T H J``), the matrix the quadratic model and the damping use.
 """
 
 import itertools
@@ -73,16 +75,43 @@ def _a_factor(x):
   return rows.scale_a * rows.a.T @ rows.a
 
 
-@pytest.mark.parametrize("reduce", [jnp.sum, jnp.mean], ids=["sum", "mean"])
-def test_expand_normalisation_equals_the_exact_fisher(reduce):
+def test_expand_normalisation_equals_the_exact_fisher_of_a_summed_loss():
   x = jax.random.normal(jax.random.key(0), (B, T, D_IN))
   # At zero weights every token's predictive is uniform: the output-gradient covariance is
   # the same for all tokens, the case in which K-FAC-expand is exact.
   params = {"kernel": jnp.zeros((D_IN, K)), "bias": jnp.zeros(K)}
-  fisher, g_factor = _exact_fisher_and_expected_stats(params, x, reduce)
+  fisher, g_factor = _exact_fisher_and_expected_stats(params, x, jnp.sum)
   block = oracles.kron_matrix(_a_factor(x), g_factor)
   # T = 3 tokens: dividing G by rows (B T) instead of examples would miss by 3x.
   np.testing.assert_allclose(block, fisher, rtol=1e-10, atol=1e-14)
+
+
+def test_captured_expand_block_equals_the_curvature_of_the_token_averaged_loss():
+  """The capture's ``G`` (expected over targets) with ``A``: ``J^T H J`` of the batch loss."""
+  x = jax.random.normal(jax.random.key(0), (B, T, D_IN))
+  params = {"dense": {"kernel": jnp.zeros((D_IN, K)), "bias": jnp.zeros(K)}}
+  apply_fn = lambda p, v: _model(p["dense"], v)
+  fn = cgfac.value_grad_and_extra(apply_fn, fisher="empirical")
+  # Uniform predictive at zero weights, and G adds up over tokens: its expectation over targets
+  # drawn from the model is the mean of G over the K constant target sequences.
+  big_g = 0
+  for label in range(K):
+    stats = fn(params, x, jnp.full((B, T), label))[2]["layer_stats"]()["dense"]
+    big_g += oracles.factors(stats.inputs, stats.output_grads, bias=True)[1] / K
+  big_a = oracles.factors(stats.inputs, stats.output_grads, bias=True)[0]
+
+  def batch_loss(logits):
+    # Softmax cross-entropy averaged over tokens and examples; its Hessian in the logits does not
+    # depend on the targets.
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.zeros((B, T, 1), int), -1))
+
+  combined = lambda w: apply_fn({"dense": {"kernel": w[:D_IN], "bias": w[D_IN]}}, x)
+  w = jnp.concatenate([params["dense"]["kernel"], params["dense"]["bias"][None]])
+  jac = jax.jacobian(combined)(w).reshape(B * T * K, -1)
+  hessian = jax.hessian(batch_loss)(combined(w)).reshape(B * T * K, B * T * K)
+  curvature = jac.T @ hessian @ jac
+  # Without the capture's sqrt(T) the block would be 1/T of the curvature (T = 3 here).
+  np.testing.assert_allclose(oracles.kron_matrix(big_a, big_g), curvature, rtol=1e-10, atol=1e-14)
 
 
 def test_expand_is_an_approximation_away_from_that_case():
