@@ -271,11 +271,6 @@ def _assemble(recorder: Recorder, inputs, output_grads, params, examples: int):
   return _nest(stats)
 
 
-def _positions(outputs: jax.Array) -> int:
-  """How many positions each example's outputs ``(examples, ..., k)`` have (1 for none)."""
-  return outputs.size // (outputs.shape[0] * outputs.shape[-1]) if outputs.size else 1
-
-
 class _Curvature(NamedTuple):
   """What the stats pass reads: the examples, their targets and weights, the key."""
 
@@ -305,7 +300,8 @@ def stats(model: Model, params, data: _Curvature, shapes: Recorder, kind, fisher
   if fisher == "sampled":
     targets = jax.lax.stop_gradient(kind.sample(data.rng, outputs))
   scale = _example_scale(data.weights, outputs.dtype)
-  if (positions := _positions(outputs)) > 1:  # module docstring: G is then the loss's curvature
+  # With positions, G is then the loss's own curvature (module docstring).
+  if (positions := _losses.positions(outputs.shape)) > 1:
     scale = scale * math.sqrt(positions)
   cotangent = jax.grad(lambda y: jnp.sum(scale * kind.per_example(y, targets)))(outputs)
   (output_grads,) = pullback(cotangent)

@@ -27,6 +27,7 @@ built from it is the exact Fisher).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -41,6 +42,11 @@ class LossKind(NamedTuple):
   targets_shape: Callable[[tuple], tuple]  # outputs shape -> expected targets shape
   integer_targets: bool
   output_hvp: Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, tangent) -> like outputs
+
+
+def positions(shape: tuple) -> int:
+  """How many positions each example of outputs shaped ``(examples, ..., k)`` has (1 for none)."""
+  return math.prod(shape[1:-1])
 
 
 def _position_mean(x: jax.Array) -> jax.Array:
@@ -67,7 +73,7 @@ def _hvp_dtype(outputs, tangent):
 
 def _batch_scale(outputs: jax.Array) -> float:
   """``1 / (examples * positions)``: the weight of one position in the batch loss."""
-  return 1.0 / (outputs.size // outputs.shape[-1])
+  return 1.0 / (outputs.shape[0] * positions(outputs.shape))
 
 
 def _cross_entropy_hvp(outputs, tangent):
